@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEBIAN_PACKAGES := ffmpeg sox libsox-fmt-all espeak-ng sip-tester baresip chromium multimon-ng lame
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test bench debian-deps venv clean seaweedfs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Debian tools the tests drive (SIPp, baresip, ffmpeg/ffprobe, sox, espeak-ng, Chromium).
+debian-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+run: venv
+	$(VENV)/bin/mediaserver serve
+
+test: venv debian-deps
+	$(PY) -m pytest
+
+bench: venv debian-deps
+	$(PY) -m benchmarks
+
+# A local SeaweedFS S3 endpoint for trying the S3 backend by hand (see README).
+seaweedfs: venv
+	$(PY) -m mediaserver.tools.seaweedfs
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,3 @@
+from mediaserver.cli import main
+
+raise SystemExit(main())

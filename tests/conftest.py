@@ -1,0 +1,1 @@
+"""Shared fixtures. Test audio is generated here (numpy, sox, espeak-ng), never downloaded."""
