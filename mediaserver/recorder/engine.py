@@ -1,0 +1,444 @@
+"""The engine: live sessions, their processing thread, and every recording's lifecycle.
+
+The event loop receives media and commands and only posts them into sessions; a single
+processing thread runs every session's `process()` each tick (decode, mix, judge, encode,
+spool). What the sessions report back (a recording started, paused, stopped, closed) is
+handled on the loop: written to the catalog first, then announced by webhook, then the
+spool is handed to storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mediaserver import ids
+from mediaserver.catalog import Catalog
+from mediaserver.config import Config
+from mediaserver.encoding import make_encoder
+from mediaserver.errors import MediaServerError, ServiceError, StorageError
+from mediaserver.media import DtmfEvent
+from mediaserver.options import OptionError, RecordingOptions
+from mediaserver.recorder.recording import Recording
+from mediaserver.recorder.session import Session
+from mediaserver.storage import Spool, Storage, Upload, object_key
+from mediaserver.webhooks import Outbox
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("initiated", "recording", "paused", "stopped", "processing")
+PUMP_EVERY_S = 1.0
+
+
+@dataclass(slots=True)
+class LiveRecording:
+    """The loop's view of a recording that is not yet stored."""
+
+    id: str
+    app_id: str
+    session_uuid: str
+    options: RecordingOptions
+    key: str
+    spool: Spool
+    upload: Upload
+    content_type: str
+    command_uid: str | None
+    state: str = "initiated"  # as commands have been accepted: recording, paused, stopping
+    pumping: bool = False
+
+
+@dataclass(slots=True)
+class LiveSession:
+    uuid: str
+    app_id: str
+    source: str
+    created_at: float
+    session: Session
+    legs: dict[str, str] = field(default_factory=dict)  # leg_id -> role
+    recording: LiveRecording | None = None  # the one commands act on
+    recordings: dict[str, LiveRecording] = field(default_factory=dict)  # every one not yet closed
+    last_command_at: float | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ending: bool = False
+    on_end: list[Callable[[], Any]] = field(default_factory=list)
+
+
+class Engine:
+    """Owns the live sessions of this process and drives their processing."""
+
+    def __init__(self, config: Config, catalog: Catalog, storage: Storage, outbox: Outbox, clock) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.storage = storage
+        self.outbox = outbox
+        self.clock = clock
+        self.defaults = config.recording_defaults()
+        self.sessions: dict[str, LiveSession] = {}
+        self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0, "dropped_input": 0, "processing_errors": 0}
+        self.lateness: deque[float] = deque(maxlen=3000)  # seconds each tick started late
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
+        self._tasks: set[asyncio.Task] = set()
+        self._tick_task: asyncio.Task | None = None
+        self._last_pump = 0.0
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.recover()
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="media-tick")
+
+    async def close(self) -> None:
+        """End every session (their recordings are finished and stored), then stop."""
+        for uuid in list(self.sessions):
+            await self.end_session(uuid)
+        deadline = time.monotonic() + 10
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(self.config.tick_ms / 1000)
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+            self._tick_task = None
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=30)
+        for task in list(self._tasks):
+            task.cancel()
+        self._executor.shutdown(wait=True)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- sessions and legs -------------------------------------------------------------
+
+    def create_session(self, app_id: str, source: str, uuid: str | None = None, meta: dict[str, Any] | None = None) -> LiveSession:
+        uuid = uuid or ids.session_uuid()
+        if uuid in self.sessions or self.catalog.session(uuid) is not None:
+            raise ServiceError(409, "sessions.exists", f"session {uuid} already exists")
+        now = self.clock.time()
+        session = Session(uuid, app_id, self.clock.monotonic(), self.defaults.sample_rate, jitter_s=self.config.jitter_ms / 1000)
+        live = self.sessions[uuid] = LiveSession(uuid, app_id, source, now, session)
+        self.catalog.create_session(uuid, app_id, source, now, meta)
+        self.outbox.emit(app_id, "session.started", {"session_uuid": uuid, "source": source})
+        return live
+
+    def session_for(self, app_id: str, uuid: str) -> LiveSession:
+        """The live session `uuid` of `app_id`: 404 unknown, 403 another app's, 409 ended."""
+        live = self.sessions.get(uuid)
+        if live is None:
+            row = self.catalog.session(uuid)
+            if row is None:
+                raise ServiceError(404, "sessions.not_found", f"no session {uuid}")
+            if row["app_id"] != app_id:
+                raise ServiceError(403, "auth.forbidden", "this session belongs to another app")
+            raise ServiceError(409, "sessions.ended", f"session {uuid} has ended")
+        if live.app_id != app_id:
+            raise ServiceError(403, "auth.forbidden", "this session belongs to another app")
+        if live.ending:
+            raise ServiceError(409, "sessions.ended", f"session {uuid} is ending")
+        return live
+
+    def add_leg(self, live: LiveSession, role: str, kind: str) -> str:
+        leg_id = ids.leg_id()
+        live.session.add_leg(leg_id, role, self.clock.monotonic())
+        live.legs[leg_id] = role
+        self.catalog.add_leg(leg_id, live.uuid, role, kind, self.clock.time())
+        return leg_id
+
+    def post_pcm(self, live: LiveSession, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None) -> None:
+        self.counters["frames_in"] += 1
+        self.counters["samples_in"] += len(samples)
+        live.session.post_pcm(leg_id, samples, rate, pts)
+
+    def post_dtmf(self, live: LiveSession, leg_id: str, event: DtmfEvent) -> None:
+        live.session.post(("dtmf", leg_id, event))
+
+    def end_leg(self, live: LiveSession, leg_id: str) -> None:
+        if leg_id in live.legs:
+            live.session.end_leg(leg_id, self.clock.monotonic())
+            self.catalog.update_leg(leg_id, ended_at=self.clock.time())
+
+    def backlog_seconds(self, live: LiveSession, leg_id: str) -> float:
+        leg = live.session.inputs.get(leg_id)
+        return leg.backlog / leg.rate if leg is not None and leg.rate else 0.0
+
+    async def end_session(self, uuid: str) -> None:
+        """Hang up: legs end, the recording finishes with `hangup` and is stored."""
+        live = self.sessions.get(uuid)
+        if live is None or live.ending:
+            return
+        live.ending = True
+        live.session.post(("hangup", self.clock.monotonic()))
+
+    # -- commands ----------------------------------------------------------------------
+
+    def start_recording(self, live: LiveSession, options: RecordingOptions, command_uid: str | None) -> LiveRecording:
+        """Create the recording (catalog row, spool, upload) and hand it to the session."""
+        rid = ids.recording_id()
+        now = self.clock.time()
+        encoder = make_encoder(options.format, options.sample_rate, options.channels, options.effective_bitrate,
+                               mp3_quality=self.config.mp3_quality, opus_complexity=self.config.opus_complexity)
+        created = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        key = object_key(self.config.s3_key_template, live.app_id, rid, encoder.extension, created)
+        spool_path = self.config.data_dir / "spool" / f"{rid}.{encoder.extension}"
+        spool = Spool(spool_path)
+        self.catalog.create_recording(
+            id=rid, session_uuid=live.uuid, app_id=live.app_id, state="initiated", format=options.format,
+            sample_rate=options.sample_rate, channels=options.channels, bitrate=options.effective_bitrate,
+            options=options.to_dict(), content_type=encoder.content_type, storage_key=key,
+            spool_path=str(spool_path), created_at=now, command_uid=command_uid)
+        upload = self.storage.begin(key, spool_path, encoder.content_type)
+        rec = LiveRecording(rid, live.app_id, live.uuid, options, key, spool, upload, encoder.content_type, command_uid)
+        recording = Recording(rid, options, 0, encoder, spool, silence_threshold_dbfs=self.config.silence_threshold_dbfs)
+        live.recording = live.recordings[rid] = rec
+        live.session.post(("start", recording, self.clock.monotonic()))
+        return rec
+
+    def command_recording(self, live: LiveSession, kind: str, behavior: str = "skip") -> LiveRecording:
+        rec = live.recording
+        live.session.post(("command", kind, behavior, self.clock.monotonic()))
+        rec.state = {"pause": "paused", "resume": "recording", "stop": "stopping"}[kind]
+        return rec
+
+    # -- the processing tick -----------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.tick_ms / 1000
+        due = loop.time()
+        while True:
+            self.lateness.append(max(loop.time() - due, 0.0))
+            results = await loop.run_in_executor(self._executor, self._process_all, self.clock.monotonic())
+            for live, events in results:
+                await self._handle(live, events)
+            if loop.time() - self._last_pump >= PUMP_EVERY_S:
+                self._last_pump = loop.time()
+                self._pump_uploads()
+            due += interval
+            delay = due - loop.time()
+            if delay < -interval:
+                due = loop.time()  # too far behind: do not try to catch up with a burst
+            await asyncio.sleep(max(delay, 0))
+
+    def _process_all(self, now: float) -> list[tuple[LiveSession, list]]:
+        """Processing thread: every session's process(), errors contained per session."""
+        results = []
+        for live in list(self.sessions.values()):
+            try:
+                events = live.session.process(now)
+            except Exception as exc:  # a bug in one call must not stop the others
+                log.exception("processing session %s failed", live.uuid)
+                self.counters["processing_errors"] += 1
+                events = self._contain(live, exc)
+            if events or live.session.ended:
+                results.append((live, events))
+        return results
+
+    def _contain(self, live: LiveSession, exc: Exception) -> list:
+        """End a session whose processing raised; keep what its recording has spooled."""
+        session = live.session
+        session.inbox.clear()
+        session.ended = True
+        recording = session.recording
+        events: list = []
+        if recording is not None and not recording.done:
+            recording.finish("error")
+            try:
+                recording.close()
+            except Exception:
+                log.exception("closing recording %s after an error failed", recording.id)
+            events.append(("recording.stopped", {"recording_id": recording.id, "at": recording.position, "reason": "error", "finish_key": None}))
+            events.append(("recording.closed", {"recording_id": recording.id, "recording": recording, "error": str(exc)}))
+        return events
+
+    async def _handle(self, live: LiveSession, events: list) -> None:
+        for kind, data in events:
+            try:
+                self._on_event(live, kind, data)
+            except Exception:
+                log.exception("handling %s for session %s failed", kind, live.uuid)
+        if live.session.ended and not live.session.inbox and self.sessions.get(live.uuid) is live:
+            self._session_ended(live)
+
+    def _on_event(self, live: LiveSession, kind: str, data: dict[str, Any]) -> None:
+        rid = data.get("recording_id")
+        rec = live.recordings.get(rid)
+        if rec is None:
+            return
+        now = self.clock.time()
+        if kind == "recording.started":
+            self.catalog.update_recording(rid, state="recording", started_at=now)
+            self._emit(rec, "recording.started", {})
+        elif kind in ("recording.paused", "recording.resumed"):
+            state = "paused" if kind == "recording.paused" else "recording"
+            self.catalog.update_recording(rid, state=state)
+            self._emit(rec, kind, {})
+        elif kind == "recording.stopped":
+            self.catalog.update_recording(rid, state="stopped", stopped_at=now, termination_reason=data["reason"], finish_key=data.get("finish_key"))
+            self._emit(rec, "recording.stopped", {"termination_reason": data["reason"], "finish_key": data.get("finish_key")})
+        if kind == "recording.stopped" and live.recording is rec:
+            rec.state = "stopping"
+        if kind == "recording.closed":
+            del live.recordings[rid]
+            if live.recording is rec:
+                live.recording = None
+            self._spawn(self._store(rec, data["recording"], data.get("error")), f"store-{rid}")
+
+    def _emit(self, rec: LiveRecording, kind: str, extra: dict[str, Any]) -> None:
+        payload = {"recording_id": rec.id, "session_uuid": rec.session_uuid, "command_uid": rec.command_uid, **extra}
+        self.outbox.emit(rec.app_id, kind, payload)
+
+    def _session_ended(self, live: LiveSession) -> None:
+        del self.sessions[live.uuid]
+        now = self.clock.time()
+        self.catalog.update_session(live.uuid, state="ended", ended_at=now)
+        for leg_id in live.legs:
+            self.catalog.update_leg(leg_id, ended_at=now)
+        self.outbox.emit(live.app_id, "session.ended", {"session_uuid": live.uuid})
+        for callback in live.on_end:
+            try:
+                callback()
+            except Exception:
+                log.exception("session %s end callback failed", live.uuid)
+
+    # -- storing -----------------------------------------------------------------------
+
+    def _pump_uploads(self) -> None:
+        for live in list(self.sessions.values()):
+            for rec in list(live.recordings.values()):
+                if not rec.pumping:
+                    rec.pumping = True
+                    self._spawn(self._pump(rec), f"pump-{rec.id}")
+
+    async def _pump(self, rec: LiveRecording) -> None:
+        try:
+            await rec.upload.pump()
+        except StorageError as exc:
+            log.warning("uploading %s: %s (will retry)", rec.id, exc)
+        finally:
+            rec.pumping = False
+
+    async def _store(self, rec: LiveRecording, recording: Recording, error: str | None) -> None:
+        duration = recording.duration_samples / recording.rate
+        legs = legs_view(recording)
+        self.catalog.update_recording(rec.id, state="processing", duration=duration, legs=legs, error=error)
+        await asyncio.to_thread(rec.spool.close)
+        while rec.pumping:
+            await asyncio.sleep(0.05)
+        await self.finish_upload(rec.id, rec.app_id, rec.upload, duration)
+
+    async def finish_upload(self, rid: str, app_id: str, upload: Upload, duration: float) -> None:
+        """Complete the upload and announce the stored recording (or its failure)."""
+        try:
+            info = await upload.complete()
+        except StorageError as exc:
+            log.error("recording %s could not be stored: %s", rid, exc)
+            await upload.abort()
+            self.catalog.update_recording(rid, state="failed", error=str(exc))
+            row = self.catalog.recording(rid)
+            self.outbox.emit(app_id, "recording.failed", {"recording_id": rid, "session_uuid": row["session_uuid"], "reason": str(exc), "command_uid": row["command_uid"]})
+            return
+        now = self.clock.time()
+        expires = now + self.config.recording_retention_hours * 3600
+        self.catalog.update_recording(rid, state="completed", completed_at=now, file_size=info.size, sha256=info.sha256, expires_at=expires, spool_path=None)
+        self._announce_completed(self.catalog.recording(rid))
+
+    def recording_url(self, row: dict[str, Any]) -> str:
+        if self.config.recording_base_url:
+            return f"{self.config.recording_base_url.rstrip('/')}/{row['storage_key']}"
+        return f"{self.config.base_url}/api/v1/recordings/{row['id']}/download"
+
+    def _announce_completed(self, row: dict[str, Any]) -> None:
+        payload = {
+            "recording_id": row["id"],
+            "session_uuid": row["session_uuid"],
+            "recording_url": self.recording_url(row),
+            "duration": row["duration"],
+            "file_size": row["file_size"],
+            "format": row["format"],
+            "checksum": {"algorithm": "sha256", "value": row["sha256"]},
+            "command_uid": row["command_uid"],
+            "termination_reason": row["termination_reason"],
+            "finish_key": row["finish_key"],
+        }
+        self.outbox.emit(row["app_id"], "recording.completed", payload)
+        action_url = row["options"].get("action_url")
+        if action_url:
+            record_verb = {
+                "RecordingUrl": payload["recording_url"],
+                "RecordingDuration": round(row["duration"] or 0),
+                "RecordingSid": row["id"],
+                "CallId": row["session_uuid"],
+                "RecordingStatus": "completed",
+                "Digits": row["finish_key"] or "",
+            }
+            self.outbox.emit(row["app_id"], "recording.completed", payload, url=action_url, extra=record_verb)
+
+    # -- recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a restart: finish every recording that was not yet stored."""
+        for row in self.catalog.active_sessions():
+            self.catalog.update_session(row["uuid"], state="ended", ended_at=self.clock.time())
+        for row in self.catalog.recordings_in(ACTIVE_STATES):
+            self._spawn(self._recover_one(row), f"recover-{row['id']}")
+
+    async def _recover_one(self, row: dict[str, Any]) -> None:
+        from mediaserver.encoding import repair
+
+        rid = row["id"]
+        spool = Path(row["spool_path"]) if row["spool_path"] else None
+        if spool is None or not spool.exists():
+            if await self.storage.exists(row["storage_key"]):
+                info = await self.storage.stat(row["storage_key"])
+                self.catalog.update_recording(rid, state="completed", completed_at=self.clock.time(), file_size=info.size, sha256=info.sha256,
+                                              expires_at=self.clock.time() + self.config.recording_retention_hours * 3600, spool_path=None)
+                self._announce_completed(self.catalog.recording(rid))
+                return
+            self.catalog.update_recording(rid, state="failed", error="the spool file was lost")
+            self.outbox.emit(row["app_id"], "recording.failed", {"recording_id": rid, "session_uuid": row["session_uuid"], "reason": "the spool file was lost", "command_uid": row["command_uid"]})
+            return
+        duration = await asyncio.to_thread(repair, row["format"], spool, row["sample_rate"], row["channels"])
+        interrupted = row["state"] != "processing"
+        self.catalog.update_recording(
+            rid, state="processing", duration=duration if interrupted or row["duration"] is None else row["duration"],
+            termination_reason=row["termination_reason"] or "error",
+            error=row["error"] or ("the server stopped during the recording; the audio received until then was kept" if interrupted else None))
+        upload = await self.storage.resume(row["storage_key"], spool, row["content_type"])
+        await self.finish_upload(rid, row["app_id"], upload, duration)
+
+
+def legs_view(recording: Recording) -> list[dict[str, Any]]:
+    """Per-leg statistics of a recording, in milliseconds on the recording's timeline."""
+    rate = recording.rate
+    origin = recording.start_pos
+
+    def ms(value: int | None) -> float | None:
+        return None if value is None else round(max(value - origin, 0) * 1000 / rate, 1)
+
+    return [
+        {
+            "leg_id": leg_id,
+            "role": tally.role,
+            "frames": tally.frames,
+            "audio_ms": round(tally.samples * 1000 / rate, 1),
+            "inserted_silence_ms": round(tally.inserted_silence * 1000 / rate, 1),
+            "first_ms": ms(tally.first),
+            "last_ms": ms(tally.last),
+        }
+        for leg_id, tally in recording.legs.items()
+    ]

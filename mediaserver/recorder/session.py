@@ -1,0 +1,265 @@
+"""A session: its legs, its mixer, the in-band DTMF detectors and the active recording.
+
+Everything that touches a session's audio runs on the engine's processing thread. Other
+threads (the event loop receiving packets, the API) only `post()` messages into the
+session's inbox, a deque, and the processing thread drains it in order; so a command is
+applied after all the audio that was received before it, and there are no locks.
+
+Message kinds (tuples, first item the kind); `add_leg` and `post_pcm` make the first two:
+- ("add", leg_id, at_mono)
+- ("pcm", leg_id, samples, rate, pts)   pts at `rate` on the timeline, or None to follow
+                                        the leg's previous audio (sample-count clock)
+- ("dtmf", leg_id, DtmfEvent)           from RFC 4733, pts at the event's own rate
+- ("end", leg_id, at_mono)
+- ("start", Recording, at_mono) / ("command", kind, behavior, at_mono)
+- ("hangup", at_mono)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mediaserver.codecs.resample import Resampler
+from mediaserver.dsp.dtmf import DtmfDetector
+from mediaserver.media import DtmfEvent, rescale
+from mediaserver.mixing import Block, Mixer
+from mediaserver.recorder.recording import Recording
+
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass(slots=True)
+class LegInput:
+    """One leg's audio on its way into the mixer: its clock, resampler and counters."""
+
+    leg_id: str
+    role: str
+    rate: int = 0  # the rate its audio arrives at; 0 until the first audio
+    next_pts: int | None = None  # at `rate`: where counted audio continues
+    resampler: Resampler | None = None
+    detector: DtmfDetector | None = None
+    posted: int = 0  # samples (at `rate`) posted by ingest; written by the ingest side only
+    applied: int = 0  # samples of those the processor has placed on the timeline
+    ahead: int = 0  # samples (at `rate`) placed but not yet read out by the mixer
+    resyncs: int = 0
+    joined_at: int = 0  # timeline position at the mixer's rate
+    dtmf: list[DtmfEvent] = field(default_factory=list)
+
+    @property
+    def backlog(self) -> int:
+        """Samples received but not yet mixed: what backpressure on a fast stream watches."""
+        return self.posted - self.applied + self.ahead
+
+
+class Session:
+    """One call's audio path, driven by `process()` on the processing thread."""
+
+    def __init__(self, uuid: str, app_id: str, t0: float, rate: int = 8000, *, live: bool = True, jitter_s: float = 0.08) -> None:
+        self.uuid = uuid
+        self.app_id = app_id
+        self.t0 = t0
+        self.live = live
+        self.jitter_s = jitter_s
+        self.mixer = Mixer(rate)
+        self.inputs: dict[str, LegInput] = {}
+        self.recording: Recording | None = None
+        self.ended = False
+        self.inbox: deque[tuple] = deque()
+        self._events: list[Event] = []
+
+    @property
+    def rate(self) -> int:
+        return self.mixer.rate
+
+    def post(self, message: tuple) -> None:
+        """Thread-safe: queue a message for the processing thread."""
+        self.inbox.append(message)
+
+    def add_leg(self, leg_id: str, role: str, at_mono: float) -> LegInput:
+        """Ingest side: a new leg; audio may be posted for it at once."""
+        if leg_id in self.inputs:
+            raise ValueError(f"leg {leg_id} already exists")
+        leg = self.inputs[leg_id] = LegInput(leg_id, role)
+        self.post(("add", leg_id, at_mono))
+        return leg
+
+    def post_pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None) -> None:
+        """Ingest side: mono int16 audio for a leg (`pts` None: right after the previous)."""
+        self.inputs[leg_id].posted += len(samples)
+        self.post(("pcm", leg_id, samples, rate, pts))
+
+    def end_leg(self, leg_id: str, at_mono: float) -> None:
+        self.post(("end", leg_id, at_mono))
+
+    def timeline(self, mono: float) -> int:
+        """The timeline position (at the mixer's rate) of a monotonic clock reading."""
+        return max(int((mono - self.t0) * self.mixer.rate), 0)
+
+    # -- processing thread -----------------------------------------------------------
+
+    def process(self, now: float, flush: bool = False) -> list[Event]:
+        """Apply the inbox, then mix, judge and encode as far as the timeline allows.
+
+        `flush` mixes everything received (used when the session ends or offline).
+        """
+        while self.inbox:
+            self._apply(self.inbox.popleft(), now)
+        if self.ended or flush:
+            target = self.mixer.written_until()
+        else:
+            target = self.mixer.ready_until()
+            if self.live:
+                target = max(target, self.timeline(now - self.jitter_s))
+        self._advance(target)
+        if self.ended:
+            self._end_recording("hangup")
+        events, self._events = self._events, []
+        return events
+
+    def _apply(self, message: tuple, now: float) -> None:
+        kind = message[0]
+        if kind == "pcm":
+            self._pcm(*message[1:])
+        elif kind == "dtmf":
+            self._rfc4733(message[1], message[2])
+        elif kind == "add":
+            self._add(message[1], message[2])
+        elif kind == "end":
+            if message[1] in self.inputs:
+                self.mixer.end_leg(message[1], max(self.timeline(message[2]), self.mixer.cursor) if self.live else None)
+        elif kind == "start":
+            self._start(message[1], message[2])
+        elif kind == "command":
+            if self.recording is not None:
+                self.recording.schedule(message[1], self._command_pos(message[3]), message[2])
+        elif kind == "hangup":
+            self.ended = True
+            for leg_id, leg in self.mixer.legs.items():
+                leg.end(max(self.mixer.cursor, leg.write_pos))
+
+    def _command_pos(self, at_mono: float) -> int:
+        """Where a command lands: after all audio received before it, and not before now."""
+        pos = self.mixer.written_until()
+        return max(pos, self.timeline(at_mono)) if self.live else pos
+
+    def _add(self, leg_id: str, at_mono: float) -> None:
+        leg = self.inputs[leg_id]
+        at = self._command_pos(at_mono) if self.live else 0
+        leg.joined_at = self.mixer.add_leg(leg_id, leg.role, at).joined_at
+        self._events.append(("leg.joined", {"leg_id": leg_id, "role": leg.role, "at": leg.joined_at}))
+
+    def _pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None) -> None:
+        leg = self.inputs.get(leg_id)
+        if leg is None or len(samples) == 0:
+            return
+        leg.applied += len(samples)
+        if leg.rate != rate:
+            self._retune_leg(leg, rate)
+        if pts is None:
+            pts = leg.next_pts if leg.next_pts is not None else rescale(leg.joined_at, self.rate, rate)
+            floor = rescale(self.mixer.cursor, self.rate, rate)
+            if pts < floor:
+                # A counted stream that fell behind the mix (a stall, then a burst)
+                # continues from now rather than being dropped as late for ever.
+                leg.resyncs += 1
+                pts = floor
+        leg.next_pts = pts + len(samples)
+        if leg.resampler is not None:
+            samples = leg.resampler.process(samples)
+        self.mixer.legs[leg_id].push(samples, rescale(pts, rate, self.rate), self.mixer.cursor)
+
+    def _retune_leg(self, leg: LegInput, rate: int) -> None:
+        if leg.next_pts is not None and leg.rate:
+            leg.next_pts = rescale(leg.next_pts, leg.rate, rate)
+        leg.rate = rate
+        leg.resampler = None if rate == self.rate else Resampler(rate, self.rate)
+
+    def _rfc4733(self, leg_id: str, event: DtmfEvent) -> None:
+        leg = self.inputs.get(leg_id)
+        wanted = self.recording is not None and not self.recording.done and self.recording.options.finish_on_key
+        if leg is not None and wanted:
+            moved = DtmfEvent(event.digit, rescale(event.pts, event.rate, self.rate), self.rate, leg_id, rescale(event.duration, event.rate, self.rate), event.source)
+            leg.dtmf.append(moved)
+
+    def _start(self, recording: Recording, at_mono: float) -> None:
+        if self.recording is not None and not self.recording.done:
+            self._finish_recording("stop")
+        if recording.rate != self.rate:
+            self._retune_mixer(recording.rate)
+        recording.start_pos = recording.position = self._command_pos(at_mono)
+        self.recording = recording
+        for leg in list(self.inputs.values()):
+            leg.dtmf.clear()
+            leg.detector = None
+
+    def _retune_mixer(self, rate: int) -> None:
+        """Move the timeline to a new rate (a recording asked for another sample rate)."""
+        old = self.mixer
+        self.mixer = Mixer(rate, rescale(old.cursor, old.rate, rate))
+        for leg_id, buffer in old.legs.items():
+            leg = self.inputs[leg_id]
+            leg.detector = None
+            new = self.mixer.add_leg(leg_id, buffer.role, rescale(buffer.joined_at, old.rate, rate))
+            pending, _ = buffer.read(old.cursor, buffer.write_pos)
+            if len(pending):
+                new.push(Resampler(old.rate, rate).process(pending), self.mixer.cursor, self.mixer.cursor)
+            if buffer.ended:
+                new.end(rescale(buffer.ended_at, old.rate, rate))
+            leg.joined_at = new.joined_at
+            leg.resampler = None if leg.rate in (0, rate) else Resampler(leg.rate, rate)
+
+    def _advance(self, target: int) -> None:
+        """Read the mixer up to `target` in blocks of at most one second and feed them on."""
+        while self.mixer.cursor < target:
+            end = min(target, self.mixer.cursor + self.rate)
+            block = self.mixer.read(end)
+            if self.recording is not None and not self.recording.done:
+                self._feed(block)
+        for leg_id, buffer in self.mixer.legs.items():
+            leg = self.inputs[leg_id]
+            if leg.rate:
+                leg.ahead = rescale(max(buffer.write_pos - self.mixer.cursor, 0), self.rate, leg.rate)
+        self.mixer.drop_finished_legs()
+
+    def _feed(self, block: Block) -> None:
+        recording = self.recording
+        events = self._detect(block) if recording.options.finish_on_key else []
+        recording.feed(block, events)
+        self._events.extend((kind, {"recording_id": recording.id, **data}) for kind, data in recording.events)
+        recording.events.clear()
+        if recording.done:
+            self._close_recording()
+
+    def _detect(self, block: Block) -> list[DtmfEvent]:
+        """In-band digits in this block plus RFC 4733 digits received so far, by onset."""
+        events: list[DtmfEvent] = []
+        for part in block.legs:
+            leg = self.inputs.get(part.leg_id)
+            if leg is None:
+                continue
+            if leg.detector is None:
+                leg.detector = DtmfDetector(self.rate, leg.leg_id)
+            events.extend(leg.detector.process(part.samples, block.start))
+            events.extend(leg.dtmf)
+            leg.dtmf.clear()
+        return sorted(events, key=lambda ev: ev.pts)
+
+    def _end_recording(self, reason: str) -> None:
+        if self.recording is not None and not self.recording.done:
+            self._finish_recording(reason)
+
+    def _finish_recording(self, reason: str) -> None:
+        recording = self.recording
+        recording.finish(reason, self.mixer.cursor)
+        self._events.extend((kind, {"recording_id": recording.id, **data}) for kind, data in recording.events)
+        recording.events.clear()
+        self._close_recording()
+
+    def _close_recording(self) -> None:
+        recording = self.recording
+        recording.close()
+        self._events.append(("recording.closed", {"recording_id": recording.id, "recording": recording}))
