@@ -52,9 +52,13 @@ class RecordingOptions:
 
     @property
     def effective_bitrate(self) -> int | None:
+        """kbps the encoder runs at; the Opus default is per channel, as stereo Opus at
+        24 kbps in all smears one channel into the other."""
         if self.format == "wav":
             return None
-        return self.bitrate or DEFAULT_BITRATES[self.format]
+        if self.bitrate:
+            return self.bitrate
+        return DEFAULT_BITRATES[self.format] * (self.channels if self.format == "opus" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -110,10 +114,13 @@ class RecordingOptions:
             return
         if self.format == "wav":
             raise _invalid("bitrate applies to mp3 and opus only; wav is PCM16")
-        if self.format == "mp3" and self.bitrate not in MP3_BITRATES:
-            raise _invalid(f"bitrate for mp3 must be one of {', '.join(map(str, MP3_BITRATES))} kbps, not {self.bitrate}")
-        if self.format == "opus" and not 6 <= self.bitrate <= 510:
-            raise _invalid(f"bitrate for opus must be between 6 and 510 kbps, not {self.bitrate}")
+        if self.format == "mp3":
+            # MPEG-2 and 2.5 (16 and 8 kHz) top out at 160 and 64 kbps.
+            allowed = [b for b in MP3_BITRATES if b <= (64 if self.sample_rate == 8000 else 160)]
+            if self.bitrate not in allowed:
+                raise _invalid(f"bitrate for mp3 at {self.sample_rate} Hz must be one of {', '.join(map(str, allowed))} kbps, not {self.bitrate}")
+        if self.format == "opus" and not 6 <= self.bitrate <= 256 * self.channels:
+            raise _invalid(f"bitrate for opus must be between 6 and {256 * self.channels} kbps, not {self.bitrate}")
 
 
 _TYPES: dict[str, tuple[type, ...]] = {

@@ -78,7 +78,10 @@ _ALAW_PAIRS = _pair_table(ALAW_DECODE)
 
 
 def _decode(payload: bytes | np.ndarray, single: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    data = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(payload, dtype=np.uint8)
+    else:
+        data = np.ascontiguousarray(payload, dtype=np.uint8)
     even = len(data) & ~1
     out = pairs[data[:even].view("<u2")].reshape(-1)
     if even != len(data):

@@ -12,6 +12,7 @@ passes (bounded silence fill for a lagging leg), an offline one never does.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -70,25 +71,45 @@ class LegBuffer:
         return self.ended_at is not None
 
     def push(self, samples: np.ndarray, pts: int, read_pos: int) -> None:
-        """Place audio at `pts`; anything before `read_pos` or already filled is dropped."""
+        """Place audio at `pts`. Late parts (before `read_pos`) and parts that overlap audio
+        already placed are dropped and counted; a frame that arrives out of order but before
+        its position was read lands in its gap, which is what makes reordering free."""
         if self.ended:
             return
-        end = pts + len(samples)
-        floor = max(read_pos, self.write_pos if self.first_pts is not None else read_pos)
-        if pts < floor:
-            late = min(end, read_pos) - pts if pts < read_pos else 0
-            self.stats.late_samples += max(late, 0)
-            self.stats.overlap_samples += max(min(end, floor) - max(pts, read_pos), 0)
-            if end <= floor:
+        if pts < read_pos:
+            late = min(pts + len(samples), read_pos) - pts
+            self.stats.late_samples += late
+            if late == len(samples):
                 return
-            samples = samples[floor - pts:]
-            pts = floor
+            samples, pts = samples[late:], read_pos
+        if self.first_pts is None or pts >= self.write_pos:
+            self._accept(samples, pts)
+            self._chunks.append((pts, samples))
+            self.write_pos = pts + len(samples)
+            return
+        self._insert(samples, pts)
+
+    def _accept(self, samples: np.ndarray, pts: int) -> None:
         self.stats.frames += 1
         self.stats.samples += len(samples)
-        if self.first_pts is None:
+        if self.first_pts is None or pts < self.first_pts:
             self.first_pts = pts
-        self._chunks.append((pts, samples))
-        self.write_pos = end
+
+    def _insert(self, samples: np.ndarray, pts: int) -> None:
+        """An out-of-order frame: keep only what falls into gaps between placed chunks."""
+        end = pts + len(samples)
+        index = bisect.bisect_right(self._chunks, pts, key=lambda chunk: chunk[0])
+        lo = pts
+        if index > 0:
+            prev_pts, prev = self._chunks[index - 1]
+            lo = max(lo, prev_pts + len(prev))
+        hi = self._chunks[index][0] if index < len(self._chunks) else end
+        hi = min(hi, end)
+        self.stats.overlap_samples += len(samples) - max(hi - lo, 0)
+        if hi <= lo:
+            return
+        self._accept(samples[lo - pts:hi - pts], lo)
+        self._chunks.insert(index, (lo, samples[lo - pts:hi - pts]))
 
     def end(self, at: int) -> None:
         if not self.ended:

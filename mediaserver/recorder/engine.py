@@ -26,6 +26,7 @@ from mediaserver import ids
 from mediaserver.catalog import Catalog
 from mediaserver.config import Config
 from mediaserver.encoding import make_encoder
+from mediaserver.encoding.repair import repair
 from mediaserver.errors import MediaServerError, ServiceError, StorageError
 from mediaserver.media import DtmfEvent
 from mediaserver.options import OptionError, RecordingOptions
@@ -84,7 +85,8 @@ class Engine:
         self.clock = clock
         self.defaults = config.recording_defaults()
         self.sessions: dict[str, LiveSession] = {}
-        self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0, "dropped_input": 0, "processing_errors": 0}
+        self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0, "processing_errors": 0}
+        self.dropped: dict[str, int] = {}  # input refused or dropped, by reason
         self.lateness: deque[float] = deque(maxlen=3000)  # seconds each tick started late
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self._tasks: set[asyncio.Task] = set()
@@ -164,6 +166,9 @@ class Engine:
         self.counters["samples_in"] += len(samples)
         live.session.post_pcm(leg_id, samples, rate, pts)
 
+    def count_dropped(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
     def post_dtmf(self, live: LiveSession, leg_id: str, event: DtmfEvent) -> None:
         live.session.post(("dtmf", leg_id, event))
 
@@ -171,6 +176,13 @@ class Engine:
         if leg_id in live.legs:
             live.session.end_leg(leg_id, self.clock.monotonic())
             self.catalog.update_leg(leg_id, ended_at=self.clock.time())
+
+    def add_tap(self, live: LiveSession, listener: Callable) -> None:
+        """`listener(pcm)` gets what the active recording encodes, then None at its end."""
+        live.session.post(("tap", listener, True))
+
+    def remove_tap(self, live: LiveSession, listener: Callable) -> None:
+        live.session.post(("tap", listener, False))
 
     def backlog_seconds(self, live: LiveSession, leg_id: str) -> float:
         leg = live.session.inputs.get(leg_id)
@@ -398,8 +410,6 @@ class Engine:
             self._spawn(self._recover_one(row), f"recover-{row['id']}")
 
     async def _recover_one(self, row: dict[str, Any]) -> None:
-        from mediaserver.encoding import repair
-
         rid = row["id"]
         spool = Path(row["spool_path"]) if row["spool_path"] else None
         if spool is None or not spool.exists():
@@ -412,7 +422,7 @@ class Engine:
             self.catalog.update_recording(rid, state="failed", error="the spool file was lost")
             self.outbox.emit(row["app_id"], "recording.failed", {"recording_id": rid, "session_uuid": row["session_uuid"], "reason": "the spool file was lost", "command_uid": row["command_uid"]})
             return
-        duration = await asyncio.to_thread(repair, row["format"], spool, row["sample_rate"], row["channels"])
+        duration = await asyncio.to_thread(repair, row["format"], spool, row["sample_rate"], row["channels"], row["bitrate"])
         interrupted = row["state"] != "processing"
         self.catalog.update_recording(
             rid, state="processing", duration=duration if interrupted or row["duration"] is None else row["duration"],

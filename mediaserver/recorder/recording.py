@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -95,6 +95,7 @@ class Recording:
         self.ended_at: int | None = None
         self.legs: dict[str, LegTally] = {}
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self.taps: list[Callable[[np.ndarray | None], None]] = []  # live listeners of what is encoded
         self._commands: list[_Command] = []
         self._seq = 0
         self._behavior = "skip"
@@ -154,6 +155,9 @@ class Recording:
         patch = self.encoder.header_patch()
         if patch is not None:
             self._sink.patch(*patch)
+        for tap in self.taps:
+            tap(None)
+        self.taps.clear()
 
     # -- internals -------------------------------------------------------------------
 
@@ -196,7 +200,7 @@ class Recording:
                 cut, reason = event.pts - start, "finish_key"
         if self._silence is not None:
             hit = first_silence_end(self._silence.feed(mono_view(mix)), self._silence_timeout)
-            if hit is not None and hit < cut:
+            if hit is not None and hit <= cut:
                 cut, reason = hit, "silence"
         return cut, reason
 
@@ -232,3 +236,5 @@ class Recording:
         data = self.encoder.encode(pcm)
         if data:
             self._sink.write(data)
+        for tap in self.taps:
+            tap(pcm)

@@ -12,6 +12,7 @@ Message kinds (tuples, first item the kind); `add_leg` and `post_pcm` make the f
 - ("dtmf", leg_id, DtmfEvent)           from RFC 4733, pts at the event's own rate
 - ("end", leg_id, at_mono)
 - ("start", Recording, at_mono) / ("command", kind, behavior, at_mono)
+- ("tap", listener, attach)              a live listener of the active recording's audio
 - ("hangup", at_mono)
 """
 
@@ -136,10 +137,22 @@ class Session:
         elif kind == "command":
             if self.recording is not None:
                 self.recording.schedule(message[1], self._command_pos(message[3]), message[2])
+        elif kind == "tap":
+            self._tap(message[1], message[2])
         elif kind == "hangup":
             self.ended = True
             for leg_id, leg in self.mixer.legs.items():
                 leg.end(max(self.mixer.cursor, leg.write_pos))
+
+    def _tap(self, listener, attach: bool) -> None:
+        recording = self.recording
+        if recording is None or recording.done:
+            if attach:
+                listener(None)
+        elif attach:
+            recording.taps.append(listener)
+        elif listener in recording.taps:
+            recording.taps.remove(listener)
 
     def _command_pos(self, at_mono: float) -> int:
         """Where a command lands: after all audio received before it, and not before now."""
