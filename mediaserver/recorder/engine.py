@@ -308,7 +308,7 @@ class Engine:
             del live.recordings[rid]
             if live.recording is rec:
                 live.recording = None
-            self._spawn(self._store(rec, data["recording"], data.get("error")), f"store-{rid}")
+            self._spawn(self._store(rec, data["recording"], data.get("counters", {}), data.get("error")), f"store-{rid}")
 
     def _emit(self, rec: LiveRecording, kind: str, extra: dict[str, Any]) -> None:
         payload = {"recording_id": rec.id, "session_uuid": rec.session_uuid, "command_uid": rec.command_uid, **extra}
@@ -344,9 +344,9 @@ class Engine:
         finally:
             rec.pumping = False
 
-    async def _store(self, rec: LiveRecording, recording: Recording, error: str | None) -> None:
+    async def _store(self, rec: LiveRecording, recording: Recording, counters: dict, error: str | None) -> None:
         duration = recording.duration_samples / recording.rate
-        legs = legs_view(recording)
+        legs = legs_view(recording, counters)
         self.catalog.update_recording(rec.id, state="processing", duration=duration, legs=legs, error=error)
         await asyncio.to_thread(rec.spool.close)
         while rec.pumping:
@@ -432,8 +432,10 @@ class Engine:
         await self.finish_upload(rid, row["app_id"], upload, duration)
 
 
-def legs_view(recording: Recording) -> list[dict[str, Any]]:
-    """Per-leg statistics of a recording, in milliseconds on the recording's timeline."""
+def legs_view(recording: Recording, counters: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
+    """Per-leg statistics of a recording, in milliseconds on the recording's timeline,
+    with the ingest's own counters (packets, lost, …) of each leg."""
+    counters = counters or {}
     rate = recording.rate
     origin = recording.start_pos
 
@@ -449,6 +451,7 @@ def legs_view(recording: Recording) -> list[dict[str, Any]]:
             "inserted_silence_ms": round(tally.inserted_silence * 1000 / rate, 1),
             "first_ms": ms(tally.first),
             "last_ms": ms(tally.last),
+            **counters.get(leg_id, {}),
         }
         for leg_id, tally in recording.legs.items()
     ]

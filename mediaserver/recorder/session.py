@@ -9,6 +9,9 @@ Message kinds (tuples, first item the kind); `add_leg` and `post_pcm` make the f
 - ("add", leg_id, at_mono)
 - ("pcm", leg_id, samples, rate, pts)   pts at `rate` on the timeline, or None to follow
                                         the leg's previous audio (sample-count clock)
+- ("encoded", leg_id, payload, pts, decoder)  an RTP payload: decoded here, off the loop;
+                                        pts at decoder.sample_rate; payload None = lost
+                                        (the decoder conceals it)
 - ("dtmf", leg_id, DtmfEvent)           from RFC 4733, pts at the event's own rate
 - ("end", leg_id, at_mono)
 - ("start", Recording, at_mono) / ("command", kind, behavior, at_mono)
@@ -26,6 +29,7 @@ import numpy as np
 
 from mediaserver.codecs.resample import Resampler
 from mediaserver.dsp.dtmf import DtmfDetector
+from mediaserver.errors import CodecError
 from mediaserver.media import DtmfEvent, rescale
 from mediaserver.mixing import Block, Mixer
 from mediaserver.recorder.recording import Recording
@@ -47,6 +51,10 @@ class LegInput:
     applied: int = 0  # samples of those the processor has placed on the timeline
     ahead: int = 0  # samples (at `rate`) placed but not yet read out by the mixer
     resyncs: int = 0
+    packets: int = 0  # counters kept by the ingest side (RTP: packets received and lost)
+    lost: int = 0
+    malformed: int = 0
+    decode_errors: int = 0
     joined_at: int = 0  # timeline position at the mixer's rate
     dtmf: list[DtmfEvent] = field(default_factory=list)
 
@@ -93,6 +101,13 @@ class Session:
         self.inputs[leg_id].posted += len(samples)
         self.post(("pcm", leg_id, samples, rate, pts))
 
+    def post_encoded(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
+        """Ingest side: one codec payload (None for a lost one) placed at `pts`.
+
+        `decoder` belongs to the leg's stream and is used only on the processing thread.
+        """
+        self.post(("encoded", leg_id, payload, pts, decoder))
+
     def end_leg(self, leg_id: str, at_mono: float) -> None:
         self.post(("end", leg_id, at_mono))
 
@@ -125,6 +140,8 @@ class Session:
         kind = message[0]
         if kind == "pcm":
             self._pcm(*message[1:])
+        elif kind == "encoded":
+            self._encoded(*message[1:])
         elif kind == "dtmf":
             self._rfc4733(message[1], message[2])
         elif kind == "add":
@@ -184,6 +201,18 @@ class Session:
         if leg.resampler is not None:
             samples = leg.resampler.process(samples)
         self.mixer.legs[leg_id].push(samples, rescale(pts, rate, self.rate), self.mixer.cursor)
+
+    def _encoded(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
+        leg = self.inputs.get(leg_id)
+        if leg is None:
+            return
+        try:
+            samples = decoder.conceal() if payload is None else decoder.decode(payload)
+        except CodecError:
+            leg.decode_errors += 1
+            return
+        leg.posted += len(samples)
+        self._pcm(leg_id, samples, decoder.sample_rate, pts)
 
     def _retune_leg(self, leg: LegInput, rate: int) -> None:
         if leg.next_pts is not None and leg.rate:
@@ -275,4 +304,6 @@ class Session:
     def _close_recording(self) -> None:
         recording = self.recording
         recording.close()
-        self._events.append(("recording.closed", {"recording_id": recording.id, "recording": recording}))
+        counters = {leg.leg_id: {"packets": leg.packets, "lost": leg.lost, "malformed": leg.malformed, "decode_errors": leg.decode_errors}
+                    for leg in list(self.inputs.values())}
+        self._events.append(("recording.closed", {"recording_id": recording.id, "recording": recording, "counters": counters}))

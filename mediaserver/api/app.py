@@ -1,0 +1,128 @@
+"""The composition root: builds the components in order and tears them down in reverse.
+
+catalog → storage → outbox and webhook sender → engine → ingest services; the aiohttp
+application routes requests to them. Every error leaves as the JSON envelope
+`{"error": {"code", "message"}}` with a stable code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from mediaserver.api import ingest_ws, ops, recordings, sessions
+from mediaserver.api.auth import authenticate
+from mediaserver.api.keys import CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
+from mediaserver.catalog import Catalog
+from mediaserver.clock import SystemClock
+from mediaserver.config import Config
+from mediaserver.errors import ServiceError
+from mediaserver.recorder.engine import Engine
+from mediaserver.storage.local import LocalStorage
+from mediaserver.webhooks import Outbox, WebhookSender
+
+log = logging.getLogger(__name__)
+
+_STATUS_CODES = {
+    400: "request.invalid", 401: "auth.unauthorized", 403: "auth.forbidden", 404: "route.not_found",
+    405: "route.method_not_allowed", 413: "request.too_large", 415: "request.unsupported_media_type",
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ServiceError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code = _STATUS_CODES.get(exc.status, "request.error")
+        message = exc.reason if exc.status != 413 else f"the request body is larger than {request.app[CONFIG].max_body_bytes} bytes"
+        return error_response(exc.status, code, message, {k: v for k, v in exc.headers.items() if k == "Allow"})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    path = request.path
+    if path.startswith("/api/") or path.startswith("/v1/"):
+        request["app"] = authenticate(request.app[CONFIG], request)
+    return await handler(request)
+
+
+def make_storage(config: Config, clock):
+    if config.storage == "s3":
+        from mediaserver.storage.s3 import S3Storage
+
+        return S3Storage(config)
+    return LocalStorage(config.data_dir, config.secret_key, config.base_url, clock)
+
+
+async def _components(app: web.Application) -> AsyncIterator[None]:
+    config, clock = app[CONFIG], app[CLOCK]
+    catalog = app[CATALOG] = Catalog(config.data_dir / "catalog.sqlite3")
+    storage = app[STORAGE] = make_storage(config, clock)
+    apps = {a.id: a for a in config.apps}
+    outbox = app[OUTBOX] = Outbox(catalog, apps, clock)
+    sender = WebhookSender(catalog, apps, clock, timeout_s=config.webhook_timeout_s,
+                           max_age_s=config.webhook_max_age_h * 3600, wakeup=outbox.wakeup)
+    engine = app[ENGINE] = Engine(config, catalog, storage, outbox, clock)
+    try:
+        await storage.start()
+        sender.start()
+        await engine.start()
+        await _start_services(app)
+        yield
+    finally:
+        await _close_services(app)
+        await engine.close()
+        await sender.close()
+        await storage.close()
+        catalog.close()
+
+
+async def _start_services(app: web.Application) -> None:
+    """Ingest services beyond HTTP (RTP, SIP, WebRTC) that are installed in this build."""
+    for name, factory in _service_factories():
+        service = factory(app)
+        if service is not None:
+            await service.start()
+            app[SERVICES][name] = service
+
+
+async def _close_services(app: web.Application) -> None:
+    for name, service in reversed(list(app[SERVICES].items())):
+        try:
+            await service.close()
+        except Exception:
+            log.exception("closing the %s service failed", name)
+    app[SERVICES].clear()
+
+
+def _service_factories():
+    """(name, factory) of the ingest services beyond HTTP; a factory takes the application
+    and returns an object with `async start()` and `async close()`, or None to stay off."""
+    return []
+
+
+def make_app(config: Config, clock=None) -> web.Application:
+    """The aiohttp application for `config` (secrets and apps already filled in)."""
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[CLOCK] = clock or SystemClock()
+    app[SERVICES] = {}
+    app.cleanup_ctx.append(_components)
+    ops.setup(app)
+    sessions.setup(app)
+    recordings.setup(app)
+    ingest_ws.setup(app)
+    return app

@@ -1,0 +1,68 @@
+"""Helpers shared by the route modules: JSON bodies, paging, time formats."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from aiohttp import web
+
+from mediaserver.errors import ServiceError
+
+MAX_PAGE = 500
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(name: str, value: str | None) -> float | None:
+    """A query time as ISO 8601 (with or without zone; UTC assumed) or Unix seconds."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ServiceError(400, "request.invalid_query", f"{name} must be an ISO 8601 time or Unix seconds, not {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.timestamp()
+
+
+def paging(request: web.Request, default: int = 50) -> tuple[int, int]:
+    try:
+        limit = int(request.query.get("limit", default))
+        offset = int(request.query.get("offset", 0))
+    except ValueError:
+        raise ServiceError(400, "request.invalid_query", "limit and offset must be integers") from None
+    if not 1 <= limit <= MAX_PAGE or offset < 0:
+        raise ServiceError(400, "request.invalid_query", f"limit must be 1..{MAX_PAGE} and offset ≥ 0")
+    return limit, offset
+
+
+def page(data: list[Any], total: int, limit: int, offset: int) -> dict[str, Any]:
+    return {"data": data, "pagination": {"total": total, "limit": limit, "offset": offset, "has_more": offset + len(data) < total}}
+
+
+async def json_body(request: web.Request, *, optional: bool = True) -> Any:
+    """The request's JSON body (None when empty and optional), or 400 with a clear code."""
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return None
+        raise ServiceError(400, "request.invalid_json", "a JSON body is required")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServiceError(400, "request.invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)

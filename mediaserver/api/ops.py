@@ -1,0 +1,80 @@
+"""Operations: liveness, Prometheus metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mediaserver import __version__
+from mediaserver.api.keys import CATALOG, CONFIG, ENGINE, SERVICES
+from mediaserver.api.openapi import spec
+
+
+async def healthz(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    engine = request.app[ENGINE]
+    return web.json_response({
+        "status": "ok",
+        "version": __version__,
+        "storage": config.storage,
+        "sessions": len(engine.sessions),
+        "services": sorted(request.app[SERVICES]),
+    })
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    catalog = request.app[CATALOG]
+    lines = [
+        "# HELP mediaserver_sessions_active Sessions live in this process.",
+        "# TYPE mediaserver_sessions_active gauge",
+        f"mediaserver_sessions_active {len(engine.sessions)}",
+        "# HELP mediaserver_recordings Recordings in the catalog by state.",
+        "# TYPE mediaserver_recordings gauge",
+    ]
+    for state, count in sorted(catalog.count_recordings_by_state().items()):
+        lines.append(f'mediaserver_recordings{{state="{state}"}} {count}')
+    counters = engine.counters
+    lines += [
+        "# HELP mediaserver_frames_received_total Audio frames received from every ingest.",
+        "# TYPE mediaserver_frames_received_total counter",
+        f"mediaserver_frames_received_total {counters['frames_in']}",
+        "# HELP mediaserver_samples_received_total Audio samples received from every ingest.",
+        "# TYPE mediaserver_samples_received_total counter",
+        f"mediaserver_samples_received_total {counters['samples_in']}",
+        "# HELP mediaserver_input_dropped_total Input refused or dropped, by reason.",
+        "# TYPE mediaserver_input_dropped_total counter",
+    ]
+    for reason, count in sorted(engine.dropped.items()):
+        lines.append(f'mediaserver_input_dropped_total{{reason="{reason}"}} {count}')
+    lateness = list(engine.lateness)
+    lines += [
+        "# HELP mediaserver_processing_errors_total Sessions whose processing raised.",
+        "# TYPE mediaserver_processing_errors_total counter",
+        f"mediaserver_processing_errors_total {counters['processing_errors']}",
+        "# HELP mediaserver_webhook_backlog Webhook events not yet delivered.",
+        "# TYPE mediaserver_webhook_backlog gauge",
+        f"mediaserver_webhook_backlog {catalog.outbox_backlog()}",
+        "# HELP mediaserver_tick_lateness_seconds How late the processing tick started (recent ticks).",
+        "# TYPE mediaserver_tick_lateness_seconds summary",
+    ]
+    for q in (0.5, 0.99):
+        lines.append(f'mediaserver_tick_lateness_seconds{{quantile="{q}"}} {_quantile(lateness, q):.6f}')
+    lines.append(f"mediaserver_tick_lateness_seconds_count {len(lateness)}")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(spec(request.app[CONFIG].base_url))
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
