@@ -7,6 +7,7 @@ application routes requests to them. Every error leaves as the JSON envelope
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import AsyncIterator
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from mediaserver.api import ingest_ws, ops, recordings, sessions
 from mediaserver.api.auth import authenticate
-from mediaserver.api.keys import CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
+from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
 from mediaserver.catalog import Catalog
 from mediaserver.clock import SystemClock
 from mediaserver.config import Config
@@ -49,13 +50,18 @@ async def errors_middleware(request: web.Request, handler):
         code = _STATUS_CODES.get(exc.status, "request.error")
         message = exc.reason if exc.status != 413 else f"the request body is larger than {request.app[CONFIG].max_body_bytes} bytes"
         return error_response(exc.status, code, message, {k: v for k, v in exc.headers.items() if k == "Allow"})
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal.error", "the server failed to handle this request; it has been logged")
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     path = request.path
     if path.startswith("/api/") or path.startswith("/v1/"):
-        request["app"] = authenticate(request.app[CONFIG], request)
+        request[CALLER] = authenticate(request.app[CONFIG], request)
     return await handler(request)
 
 

@@ -1,9 +1,214 @@
-"""WebSocket ingest routes (wavstream and Twilio Media Streams)."""
+"""WebSocket ingest: the wavstream protocol and Twilio Media Streams, wired to the engine.
+
+The parsers in `mediaserver.ws` turn messages into events; this module owns the sockets.
+Bad input closes the socket with the parser's code and reason (1003/1007/1008/1009);
+everything received before it stays in the session, and the session's other legs and its
+recording carry on. A stream faster than real time is read only as fast as the engine
+mixes it (backpressure through TCP), so memory does not grow with it.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import logging
+import re
+
+from aiohttp import WSMsgType, web
+
+from mediaserver import ids
+from mediaserver.api.auth import ingest_app
+from mediaserver.api.keys import CATALOG, CLOCK, CONFIG, ENGINE
+from mediaserver.errors import ServiceError
+from mediaserver.recorder.engine import Engine, LiveSession
+from mediaserver.ws import CloseCode, WsProtocolError
+from mediaserver.ws import twilio, wavstream
+
+log = logging.getLogger(__name__)
+
+ROLE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+BACKLOG_LIMIT_S = 2.0  # how far a fast stream may run ahead of the mix
+MAX_FRAME_BYTES = 64 * 1024
+
+
+def _session_for_ingest(engine: Engine, app_id: str, uuid: str, source: str, catalog) -> tuple[LiveSession, bool]:
+    """The live session, or a new one when `uuid` is unknown; True when created here."""
+    if uuid in engine.sessions or catalog.session(uuid) is not None:
+        return engine.session_for(app_id, uuid), False
+    return engine.create_session(app_id, source, uuid), True
+
+
+async def _prepare(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES * 2, heartbeat=30, autoping=True)
+    await ws.prepare(request)
+    return ws
+
+
+async def _messages(ws: web.WebSocketResponse):
+    """(kind, data) of each message until the peer closes: kind "text", "binary" or "close"."""
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            yield "text", msg.data
+        elif msg.type == WSMsgType.BINARY:
+            yield "binary", msg.data
+        elif msg.type == WSMsgType.ERROR:
+            break
+    yield "close", None
+
+
+async def _refuse(ws: web.WebSocketResponse, engine: Engine, exc: WsProtocolError) -> None:
+    engine.count_dropped("websocket_protocol")
+    await ws.close(code=int(exc.close_code), message=exc.reason.encode())
+
+
+async def _throttle(engine: Engine, live: LiveSession, leg_ids) -> None:
+    """Wait while any leg of this socket is far ahead of what the engine has mixed."""
+    tick = engine.config.tick_ms / 1000
+    for _ in range(int(60 / tick)):
+        if live.ending or all(engine.backlog_seconds(live, leg) <= BACKLOG_LIMIT_S for leg in leg_ids):
+            return
+        await asyncio.sleep(tick)
+
+
+# -- wavstream ---------------------------------------------------------------------------
+
+
+async def wavstream_leg(request: web.Request) -> web.StreamResponse:
+    uuid, role = request.match_info["uuid"], request.match_info["role"]
+    app = request.app
+    caller = ingest_app(app[CONFIG], request, uuid, app[CLOCK].time())
+    if not ids.is_uuid(uuid):
+        raise ServiceError(400, "sessions.invalid_uuid", "the session id must be a lower-case UUID")
+    if not ROLE.match(role):
+        raise ServiceError(400, "legs.invalid_role", "role must be 1-64 letters, digits, '_' or '-'")
+    engine = app[ENGINE]
+    live, created = _session_for_ingest(engine, caller.id, uuid, "websocket", app[CATALOG])
+    ws = await _prepare(request)
+    legs: list[str] = []
+    try:
+        await _run_wavstream(ws, engine, live, role, legs)
+    finally:
+        for leg_id in legs:
+            engine.end_leg(live, leg_id)
+        if created and not _other_legs_live(live, legs):
+            await engine.end_session(live.uuid)
+    return ws
+
+
+def _other_legs_live(live: LiveSession, mine: list[str]) -> bool:
+    return any(leg_id not in mine and leg_id not in live.ended_legs for leg_id in live.legs)
+
+
+async def _run_wavstream(ws, engine: Engine, live: LiveSession, role: str, legs: list[str]) -> None:
+    parser = wavstream.WavstreamParser(max_frame_bytes=MAX_FRAME_BYTES)
+    async for kind, data in _messages(ws):
+        try:
+            events = parser.feed_text(data) if kind == "text" else parser.feed_binary(data) if kind == "binary" else parser.feed_close()
+        except WsProtocolError as exc:
+            await _refuse(ws, engine, exc)
+            return
+        for event in events:
+            if isinstance(event, wavstream.Started):
+                roles = wavstream.CHANNEL_ROLES if event.channels == 2 else (role,)
+                legs.extend(engine.add_leg(live, r, "websocket") for r in roles)
+            elif isinstance(event, wavstream.Audio):
+                for leg_id, samples in zip(legs, event.channels):
+                    engine.post_pcm(live, leg_id, samples, event.sample_rate)
+                await _throttle(engine, live, legs)
+            elif isinstance(event, wavstream.Dtmf):
+                live.session.post(("dtmf_now", legs[0], event.digit, "websocket"))
+            elif isinstance(event, wavstream.Stopped):
+                if not ws.closed:
+                    await ws.close()
+                return
+
+
+# -- Twilio Media Streams ----------------------------------------------------------------
+
+
+async def twilio_stream(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    uuid = request.query.get("session")
+    if uuid is not None and not ids.is_uuid(uuid):
+        raise ServiceError(400, "sessions.invalid_uuid", "session must be a lower-case UUID")
+    caller = ingest_app(app[CONFIG], request, uuid, app[CLOCK].time())
+    engine = app[ENGINE]
+    if uuid is not None:
+        _session_for_ingest(engine, caller.id, uuid, "twilio", app[CATALOG])  # checks ownership before upgrading
+    ws = await _prepare(request)
+    stream = _TwilioStream(engine, caller.id, uuid, app[CATALOG])
+    try:
+        await stream.run(ws)
+    finally:
+        await stream.finish()
+    return ws
+
+
+class _TwilioStream:
+    """One Twilio Media Stream: a session (given or made at `start`), a leg per track."""
+
+    def __init__(self, engine: Engine, app_id: str, uuid: str | None, catalog) -> None:
+        self.engine = engine
+        self.app_id = app_id
+        self.uuid = uuid
+        self.catalog = catalog
+        self.live: LiveSession | None = None
+        self.created = False
+        self.legs: dict[str, str] = {}  # role -> leg_id
+        self.origin = 0  # timeline position (8 kHz) of the stream's timestamp zero
+
+    async def run(self, ws: web.WebSocketResponse) -> None:
+        parser = twilio.TwilioParser(max_frame_bytes=MAX_FRAME_BYTES)
+        async for kind, data in _messages(ws):
+            try:
+                events = parser.feed_text(data) if kind == "text" else parser.feed_binary(data) if kind == "binary" else parser.feed_close()
+                for event in events:
+                    await self._on(event)
+            except WsProtocolError as exc:
+                await _refuse(ws, self.engine, exc)
+                return
+            except ServiceError as exc:
+                await ws.close(code=int(CloseCode.POLICY_VIOLATION), message=exc.message.encode()[:123])
+                return
+            if parser.stopped:
+                await ws.close()
+                return
+
+    async def _on(self, event) -> None:
+        if isinstance(event, twilio.TwilioStart):
+            self._start(event)
+        elif isinstance(event, twilio.Media):
+            leg_id = self._leg(event.role)
+            pts = self.origin + event.timestamp_ms * 8
+            self.engine.post_pcm(self.live, leg_id, event.samples, 8000, pts)
+            await _throttle(self.engine, self.live, [leg_id])
+        elif isinstance(event, twilio.Dtmf):
+            self.live.session.post(("dtmf_now", self._leg(event.role), event.digit, "twilio"))
+
+    def _start(self, event: twilio.TwilioStart) -> None:
+        meta = {"stream_sid": event.stream_sid, "call_sid": event.call_sid, "account_sid": event.account_sid,
+                "custom_parameters": event.custom_parameters}
+        if self.uuid is None:
+            self.live, self.created = self.engine.create_session(self.app_id, "twilio", None, meta), True
+        else:
+            self.live, self.created = _session_for_ingest(self.engine, self.app_id, self.uuid, "twilio", self.catalog)
+        self.origin = self.live.session.timeline_at(self.engine.clock.monotonic(), 8000)
+        for role in event.roles:
+            self._leg(role)
+
+    def _leg(self, role: str) -> str:
+        if role not in self.legs:
+            self.legs[role] = self.engine.add_leg(self.live, role, "twilio")
+        return self.legs[role]
+
+    async def finish(self) -> None:
+        if self.live is None:
+            return
+        for leg_id in self.legs.values():
+            self.engine.end_leg(self.live, leg_id)
+        if self.created:
+            await self.engine.end_session(self.live.uuid)
 
 
 def setup(app: web.Application) -> None:
-    pass
+    app.router.add_get("/ws/v1/sessions/{uuid}/legs/{role}", wavstream_leg)
+    app.router.add_get("/ws/v1/twilio", twilio_stream)

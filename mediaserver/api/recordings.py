@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from mediaserver.api.common import iso, json_response, page, paging, parse_time
-from mediaserver.api.keys import CATALOG, CLOCK, CONFIG, ENGINE, STORAGE
+from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, STORAGE
 from mediaserver.errors import ServiceError, StorageError
 from mediaserver.storage.local import LocalStorage
 
@@ -53,7 +53,7 @@ def own_recording(request: web.Request, recording_id: str) -> dict[str, Any]:
     row = request.app[CATALOG].recording(recording_id)
     if row is None:
         raise ServiceError(404, "recordings.not_found", f"no recording {recording_id}")
-    if row["app_id"] != request["app"].id:
+    if row["app_id"] != request[CALLER].id:
         raise ServiceError(403, "auth.forbidden", "this recording belongs to another app")
     return row
 
@@ -88,7 +88,7 @@ async def list_recordings(request: web.Request) -> web.Response:
     if state is not None and state not in STATES:
         raise ServiceError(400, "request.invalid_query", f"state must be one of {', '.join(STATES)}")
     rows, total = request.app[CATALOG].recordings(
-        request["app"].id, session_uuid=request.query.get("session_id") or None,
+        request[CALLER].id, session_uuid=request.query.get("session_id") or None,
         since=parse_time("since", request.query.get("since")), until=parse_time("until", request.query.get("until")),
         state=state, limit=limit, offset=offset)
     return json_response(page([recording_view(request, row) for row in rows], total, limit, offset))
@@ -162,9 +162,9 @@ def _latest_for_call(request: web.Request, call_id: str) -> dict[str, Any]:
     session = catalog.session(call_id)
     if session is None:
         raise ServiceError(404, "calls.not_found", f"no call {call_id}")
-    if session["app_id"] != request["app"].id:
+    if session["app_id"] != request[CALLER].id:
         raise ServiceError(403, "auth.forbidden", "this call belongs to another app")
-    rows, _ = catalog.recordings(request["app"].id, session_uuid=call_id, limit=1)
+    rows, _ = catalog.recordings(request[CALLER].id, session_uuid=call_id, limit=1)
     if not rows:
         raise ServiceError(404, "recordings.not_found", f"call {call_id} has no recording")
     return rows[0]

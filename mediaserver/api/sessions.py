@@ -10,7 +10,7 @@ from aiohttp import web
 from mediaserver import ids
 from mediaserver.api.auth import make_token
 from mediaserver.api.common import iso, json_body, json_response, page, paging
-from mediaserver.api.keys import CATALOG, CLOCK, CONFIG, ENGINE, SERVICES
+from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, SERVICES
 from mediaserver.encoding import wav_header
 from mediaserver.errors import ServiceError
 from mediaserver.recorder.commands import run_command
@@ -55,7 +55,7 @@ def _own_row(request: web.Request, uuid: str) -> dict[str, Any]:
     row = request.app[CATALOG].session(uuid)
     if row is None:
         raise ServiceError(404, "sessions.not_found", f"no session {uuid}")
-    if row["app_id"] != request["app"].id:
+    if row["app_id"] != request[CALLER].id:
         raise ServiceError(403, "auth.forbidden", "this session belongs to another app")
     return row
 
@@ -73,7 +73,7 @@ async def create_session(request: web.Request) -> web.Response:
     meta = body.get("metadata") or {}
     if not isinstance(meta, dict):
         raise ServiceError(400, "request.invalid_body", "metadata must be a JSON object")
-    app_id = request["app"].id
+    app_id = request[CALLER].id
     live = request.app[ENGINE].create_session(app_id, "api", uuid, meta)
     view = session_view(request, request.app[CATALOG].session(live.uuid), live)
     view["ingest"] = ingest_urls(request, live.uuid, app_id)
@@ -85,7 +85,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state not in (None, "active", "ended"):
         raise ServiceError(400, "request.invalid_query", "state must be active or ended")
-    rows, total = request.app[CATALOG].sessions(request["app"].id, state, limit, offset)
+    rows, total = request.app[CATALOG].sessions(request[CALLER].id, state, limit, offset)
     engine = request.app[ENGINE]
     return json_response(page([session_view(request, r, engine.sessions.get(r["uuid"])) for r in rows], total, limit, offset))
 
@@ -107,14 +107,14 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def command(request: web.Request) -> web.Response:
     body = await json_body(request)
-    answer = await run_command(request.app[ENGINE], request["app"].id, request.match_info["uuid"], request.match_info["command"], body)
+    answer = await run_command(request.app[ENGINE], request[CALLER].id, request.match_info["uuid"], request.match_info["command"], body)
     return json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
 async def add_rtp_leg(request: web.Request) -> web.Response:
     body = await json_body(request, optional=False)
     engine: Engine = request.app[ENGINE]
-    live = engine.session_for(request["app"].id, request.match_info["uuid"])
+    live = engine.session_for(request[CALLER].id, request.match_info["uuid"])
     rtp = request.app[SERVICES].get("rtp")
     if rtp is None:
         raise ServiceError(503, "rtp.unavailable", "RTP ingest is not running on this server")
@@ -125,7 +125,7 @@ async def add_rtp_leg(request: web.Request) -> web.Response:
 async def live_wav(request: web.Request) -> web.StreamResponse:
     """The recording in progress as a WAV stream that grows while it is read."""
     engine: Engine = request.app[ENGINE]
-    live = engine.session_for(request["app"].id, request.match_info["uuid"])
+    live = engine.session_for(request[CALLER].id, request.match_info["uuid"])
     rec = live.recording
     if rec is None or rec.state == "stopping":
         raise ServiceError(409, "recordings.not_active", "no recording is in progress in this session")

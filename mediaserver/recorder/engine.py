@@ -66,6 +66,7 @@ class LiveSession:
     created_at: float
     session: Session
     legs: dict[str, str] = field(default_factory=dict)  # leg_id -> role
+    ended_legs: set[str] = field(default_factory=set)
     recording: LiveRecording | None = None  # the one commands act on
     recordings: dict[str, LiveRecording] = field(default_factory=dict)  # every one not yet closed
     last_command_at: float | None = None
@@ -164,7 +165,7 @@ class Engine:
     def post_pcm(self, live: LiveSession, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None) -> None:
         self.counters["frames_in"] += 1
         self.counters["samples_in"] += len(samples)
-        live.session.post_pcm(leg_id, samples, rate, pts)
+        live.session.post_pcm(leg_id, samples, rate, pts, self.clock.monotonic())
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -173,7 +174,8 @@ class Engine:
         live.session.post(("dtmf", leg_id, event))
 
     def end_leg(self, live: LiveSession, leg_id: str) -> None:
-        if leg_id in live.legs:
+        if leg_id in live.legs and leg_id not in live.ended_legs:
+            live.ended_legs.add(leg_id)
             live.session.end_leg(leg_id, self.clock.monotonic())
             self.catalog.update_leg(leg_id, ended_at=self.clock.time())
 

@@ -7,12 +7,16 @@ applied after all the audio that was received before it, and there are no locks.
 
 Message kinds (tuples, first item the kind); `add_leg` and `post_pcm` make the first two:
 - ("add", leg_id, at_mono)
-- ("pcm", leg_id, samples, rate, pts)   pts at `rate` on the timeline, or None to follow
-                                        the leg's previous audio (sample-count clock)
+- ("pcm", leg_id, samples, rate, pts, at_mono)
+                                        pts at `rate` on the timeline, or None to follow
+                                        the leg's previous audio (sample-count clock);
+                                        at_mono: when it arrived (live sessions)
 - ("encoded", leg_id, payload, pts, decoder)  an RTP payload: decoded here, off the loop;
                                         pts at decoder.sample_rate; payload None = lost
                                         (the decoder conceals it)
 - ("dtmf", leg_id, DtmfEvent)           from RFC 4733, pts at the event's own rate
+- ("dtmf_now", leg_id, digit, source)    a digit signalled without a time (WebSocket):
+                                        placed where the leg's audio has got to
 - ("end", leg_id, at_mono)
 - ("start", Recording, at_mono) / ("command", kind, behavior, at_mono)
 - ("tap", listener, attach)              a live listener of the active recording's audio
@@ -96,10 +100,10 @@ class Session:
         self.post(("add", leg_id, at_mono))
         return leg
 
-    def post_pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None) -> None:
+    def post_pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None, at_mono: float = 0.0) -> None:
         """Ingest side: mono int16 audio for a leg (`pts` None: right after the previous)."""
         self.inputs[leg_id].posted += len(samples)
-        self.post(("pcm", leg_id, samples, rate, pts))
+        self.post(("pcm", leg_id, samples, rate, pts, at_mono))
 
     def post_encoded(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
         """Ingest side: one codec payload (None for a lost one) placed at `pts`.
@@ -113,7 +117,11 @@ class Session:
 
     def timeline(self, mono: float) -> int:
         """The timeline position (at the mixer's rate) of a monotonic clock reading."""
-        return max(int((mono - self.t0) * self.mixer.rate), 0)
+        return self.timeline_at(mono, self.mixer.rate)
+
+    def timeline_at(self, mono: float, rate: int) -> int:
+        """The timeline position at `rate` of a monotonic clock reading (any thread)."""
+        return max(int((mono - self.t0) * rate), 0)
 
     # -- processing thread -----------------------------------------------------------
 
@@ -144,6 +152,8 @@ class Session:
             self._encoded(*message[1:])
         elif kind == "dtmf":
             self._rfc4733(message[1], message[2])
+        elif kind == "dtmf_now":
+            self._dtmf_now(*message[1:])
         elif kind == "add":
             self._add(message[1], message[2])
         elif kind == "end":
@@ -182,7 +192,7 @@ class Session:
         leg.joined_at = self.mixer.add_leg(leg_id, leg.role, at).joined_at
         self._events.append(("leg.joined", {"leg_id": leg_id, "role": leg.role, "at": leg.joined_at}))
 
-    def _pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None) -> None:
+    def _pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None, at_mono: float = 0.0) -> None:
         leg = self.inputs.get(leg_id)
         if leg is None or len(samples) == 0:
             return
@@ -190,13 +200,7 @@ class Session:
         if leg.rate != rate:
             self._retune_leg(leg, rate)
         if pts is None:
-            pts = leg.next_pts if leg.next_pts is not None else rescale(leg.joined_at, self.rate, rate)
-            floor = rescale(self.mixer.cursor, self.rate, rate)
-            if pts < floor:
-                # A counted stream that fell behind the mix (a stall, then a burst)
-                # continues from now rather than being dropped as late for ever.
-                leg.resyncs += 1
-                pts = floor
+            pts = self._counted_pts(leg, rate, at_mono)
         leg.next_pts = pts + len(samples)
         if leg.resampler is not None:
             samples = leg.resampler.process(samples)
@@ -214,6 +218,22 @@ class Session:
         leg.posted += len(samples)
         self._pcm(leg_id, samples, decoder.sample_rate, pts)
 
+    def _counted_pts(self, leg: LegInput, rate: int, at_mono: float) -> int:
+        """Where counted audio goes: after the leg's previous audio; its first audio where it
+        arrived (live) or where the leg joined; never behind the mix."""
+        floor = rescale(self.mixer.cursor, self.rate, rate)
+        if leg.next_pts is not None:
+            if leg.next_pts >= floor:
+                return leg.next_pts
+            # A counted stream that fell behind the mix (a stall, then a burst) continues
+            # from the mix rather than being dropped as late for ever.
+            leg.resyncs += 1
+            return floor
+        start = rescale(leg.joined_at, self.rate, rate)
+        if self.live and at_mono:
+            start = max(start, self.timeline_at(at_mono, rate))
+        return max(start, floor)
+
     def _retune_leg(self, leg: LegInput, rate: int) -> None:
         if leg.next_pts is not None and leg.rate:
             leg.next_pts = rescale(leg.next_pts, leg.rate, rate)
@@ -226,6 +246,16 @@ class Session:
         if leg is not None and wanted:
             moved = DtmfEvent(event.digit, rescale(event.pts, event.rate, self.rate), self.rate, leg_id, rescale(event.duration, event.rate, self.rate), event.source)
             leg.dtmf.append(moved)
+
+    def _dtmf_now(self, leg_id: str, digit: str, source: str) -> None:
+        leg = self.inputs.get(leg_id)
+        if leg is None:
+            return
+        if leg.rate and leg.next_pts is not None:
+            pts, rate = leg.next_pts, leg.rate
+        else:
+            pts, rate = max(leg.joined_at, self.mixer.cursor), self.rate
+        self._rfc4733(leg_id, DtmfEvent(digit, max(pts, rescale(self.mixer.cursor, self.rate, rate)), rate, leg_id, 0, source))
 
     def _start(self, recording: Recording, at_mono: float) -> None:
         if self.recording is not None and not self.recording.done:
