@@ -71,6 +71,7 @@ class Config:
     opus_complexity: int = 10
     recording_retention_hours: float = 720.0
     recording_base_url: str = ""
+    retention_sweep_s: float = 60.0
     webhook_timeout_s: float = 10.0
     webhook_max_age_h: float = 24.0
     tick_ms: int = 20
@@ -231,7 +232,7 @@ def validate(config: Config) -> None:
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
             raise ConfigError(f"setting {name} must be an http(s) URL, not {url!r}")
     _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h"), allow_zero=True)
-    _positive(config, ("tick_ms", "jitter_ms", "max_body_bytes", "ingest_token_ttl_s", "workers"))
+    _positive(config, ("tick_ms", "jitter_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s"))
     if not 0 <= config.mp3_quality <= 9:
         raise ConfigError("setting mp3_quality must be 0 (best) .. 9 (fastest)")
     if not 0 <= config.opus_complexity <= 10:

@@ -89,18 +89,19 @@ def _act(engine: Engine, live: LiveSession, kind: str, uid: str, body: dict[str,
             raise ServiceError(400, exc.code, str(exc)) from None
         rec = engine.start_recording(live, merged, uid)
     else:
-        extra = set(body) - {"command_uid", "behavior"} if kind == "pause" else set(body) - {"command_uid"}
+        allowed = {"command_uid", "behavior"} if kind == "pause" else {"command_uid"}
+        extra = set(body) - allowed
         if extra:
             raise ServiceError(400, "request.invalid_body", f"unknown field for record/{kind}: {sorted(extra)[0]}")
+        behavior = body.get("behavior", "skip")
+        if behavior not in PAUSE_BEHAVIORS:
+            raise ServiceError(400, "recordings.invalid_option", f"behavior must be one of {', '.join(PAUSE_BEHAVIORS)}")
         if not active:
             raise ServiceError(409, "recordings.not_active", f"no recording is active in this session to {kind}")
         if kind == "pause" and rec.state == "paused":
             raise ServiceError(409, "recordings.already_paused", f"recording {rec.id} is already paused")
         if kind == "resume" and rec.state != "paused":
             raise ServiceError(409, "recordings.not_paused", f"recording {rec.id} is not paused")
-        behavior = body.get("behavior", "skip")
-        if behavior not in PAUSE_BEHAVIORS:
-            raise ServiceError(400, "recordings.invalid_option", f"behavior must be one of {', '.join(PAUSE_BEHAVIORS)}")
         engine.command_recording(live, kind, behavior)
     return {"command_uid": uid, "status": "accepted", "recording_id": rec.id}
 

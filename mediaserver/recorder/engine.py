@@ -92,6 +92,7 @@ class Engine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self._tasks: set[asyncio.Task] = set()
         self._tick_task: asyncio.Task | None = None
+        self._sweep_task: asyncio.Task | None = None
         self._last_pump = 0.0
 
     # -- lifetime ----------------------------------------------------------------------
@@ -99,6 +100,7 @@ class Engine:
     async def start(self) -> None:
         await self.recover()
         self._tick_task = asyncio.create_task(self._tick_loop(), name="media-tick")
+        self._sweep_task = asyncio.create_task(self._sweep_loop(), name="retention-sweep")
 
     async def close(self) -> None:
         """End every session (their recordings are finished and stored), then stop."""
@@ -107,13 +109,14 @@ class Engine:
         deadline = time.monotonic() + 10
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(self.config.tick_ms / 1000)
-        if self._tick_task is not None:
-            self._tick_task.cancel()
-            try:
-                await self._tick_task
-            except asyncio.CancelledError:
-                pass
-            self._tick_task = None
+        for task in (self._tick_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._tick_task = self._sweep_task = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
         for task in list(self._tasks):
@@ -401,6 +404,29 @@ class Engine:
                 "Digits": row["finish_key"] or "",
             }
             self.outbox.emit(row["app_id"], "recording.completed", payload, url=action_url, extra=record_verb)
+
+    # -- retention ---------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep_expired()
+            except Exception:
+                log.exception("the retention sweep failed; it will run again")
+            await asyncio.sleep(self.config.retention_sweep_s)
+
+    async def sweep_expired(self) -> int:
+        """Delete the files of recordings past retention; they answer 410 from then on."""
+        swept = 0
+        for row in self.catalog.expired_recordings(self.clock.time()):
+            try:
+                await self.storage.delete(row["storage_key"])
+            except StorageError as exc:
+                log.warning("could not delete expired %s: %s (will retry)", row["id"], exc)
+                continue
+            self.catalog.update_recording(row["id"], state="expired")
+            swept += 1
+        return swept
 
     # -- recovery ----------------------------------------------------------------------
 
