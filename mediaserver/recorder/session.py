@@ -307,17 +307,20 @@ class Session:
             self._close_recording()
 
     def _detect(self, block: Block) -> list[DtmfEvent]:
-        """In-band digits in this block plus RFC 4733 digits received so far, by onset."""
+        """In-band digits in this block plus signalled digits whose onset it has reached."""
         events: list[DtmfEvent] = []
         for part in block.legs:
             leg = self.inputs.get(part.leg_id)
-            if leg is None:
-                continue
-            if leg.detector is None:
-                leg.detector = DtmfDetector(self.rate, leg.leg_id)
-            events.extend(leg.detector.process(part.samples, block.start))
-            events.extend(leg.dtmf)
-            leg.dtmf.clear()
+            if leg is not None:
+                if leg.detector is None:
+                    leg.detector = DtmfDetector(self.rate, leg.leg_id)
+                events.extend(leg.detector.process(part.samples, block.start))
+        for leg in list(self.inputs.values()):
+            if leg.dtmf:
+                # Signalled digits wait for the block their onset falls in (even after the
+                # leg itself has ended).
+                events.extend(ev for ev in leg.dtmf if ev.pts < block.end)
+                leg.dtmf[:] = [ev for ev in leg.dtmf if ev.pts >= block.end]
         return sorted(events, key=lambda ev: ev.pts)
 
     def _end_recording(self, reason: str) -> None:

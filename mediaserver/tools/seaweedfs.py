@@ -190,7 +190,7 @@ class WeedMini:
                 try:
                     process.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    process.send_signal(signal.SIGQUIT); time.sleep(2); process.kill()
+                    process.kill()
                     process.wait()
         if self._log is not None:
             self._log.close()

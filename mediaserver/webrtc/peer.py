@@ -1,0 +1,165 @@
+"""One WHIP leg: a receive-only aiortc peer connection whose audio goes to a sink.
+
+The offer is checked (`Offer.parse`) before a peer connection exists. The answer is
+made after ICE gathering has finished (RFC 9725 §4.3.2: no server-side trickle), on the
+configured addresses only and without STUN servers. Video and any other section the
+client offers are answered inactive, so nothing but the one audio track is received.
+
+A `_receive` task, started by `answer()` and owned by the peer, reads decoded frames and
+hands them to the sink as mono int16 with gaps filled (`FrameClock`). The leg ends when
+the client's stream ends, when the connection fails or closes, or when no audio has
+arrived within `connect_timeout_s`; the peer then calls `on_done(peer)` and whoever owns
+it calls `close()`, which closes the peer connection, stops the task and tells the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Hashable, Protocol
+
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from mediaserver.errors import CodecError
+from mediaserver.media import SUPPORTED_RATES
+from mediaserver.webrtc import ice
+from mediaserver.webrtc.audio import FrameClock, mono_s16
+from mediaserver.webrtc.offer import ACCEPTED_CODECS, Offer, OfferError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+class AudioSink(Protocol):
+    """Where a leg's audio goes; called on the event loop."""
+
+    def audio(self, samples: np.ndarray, rate: int) -> None:
+        """Mono int16 audio that follows the previous (gaps already filled)."""
+
+    def dropped(self, reason: str, count: int) -> None:
+        """Input that could not be used, counted by reason."""
+
+    def ended(self) -> None:
+        """The leg is over; called once, by `close()`."""
+
+
+class IngestPeer:
+    """A receive-only peer connection for one WHIP resource."""
+
+    def __init__(self, resource_id: str, sink: AudioSink, owner: Hashable, *, addresses: tuple[str, ...] | None,
+                 connect_timeout_s: float, on_done: Callable[[IngestPeer], None]) -> None:
+        self.id = resource_id
+        self.owner = owner  # opaque to this layer: who may end the leg
+        self.frames = 0
+        self.clock = FrameClock()
+        self._sink = sink
+        self._addresses = addresses
+        self._connect_timeout_s = connect_timeout_s
+        self._on_done = on_done
+        # No STUN servers: the server's own address is the one to offer, and the default
+        # (a public STUN server) would stall gathering on a machine without internet.
+        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self._pc.on("connectionstatechange", self._connection_state_changed)
+        self._task: asyncio.Task | None = None
+        self._closed: asyncio.Event | None = None
+
+    @property
+    def connection_state(self) -> str:
+        """The peer connection's state: new, connecting, connected, failed or closed."""
+        return self._pc.connectionState
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None and self._closed.is_set()
+
+    async def answer(self, offer_sdp: str) -> str:
+        """The SDP answer to `offer_sdp`, with every local candidate; raises OfferError."""
+        Offer.parse(offer_sdp)
+        transceiver = self._pc.addTransceiver("audio", direction="recvonly")
+        transceiver.setCodecPreferences(_accepted_capabilities())
+        await self._apply_offer(offer_sdp)
+        for other in self._pc.getTransceivers():
+            if other is not transceiver:
+                other.direction = "inactive"
+        answer = await self._pc.createAnswer()
+        with ice.gather_on(self._addresses):
+            await self._pc.setLocalDescription(answer)
+        self._task = asyncio.create_task(self._receive(transceiver.receiver.track), name=f"whip-receive-{self.id}")
+        return self._pc.localDescription.sdp
+
+    async def _apply_offer(self, offer_sdp: str) -> None:
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as exc:
+            # aiortc's SDP parser signals bad input with whatever its conversions raise
+            # (ValueError, KeyError, AssertionError, ...); Offer.parse has already
+            # refused what it knows, so anything left is still the client's offer.
+            raise OfferError(f"the SDP offer could not be applied: {exc or type(exc).__name__}") from exc
+
+    async def _receive(self, track: MediaStreamTrack) -> None:
+        try:
+            # Nothing within the timeout: ICE or DTLS never came up, or the client sends nothing.
+            frame = await asyncio.wait_for(track.recv(), self._connect_timeout_s)
+            while True:
+                self._deliver(frame)
+                frame = await track.recv()
+        except MediaStreamError:
+            log.debug("WHIP %s: the audio track ended", self.id)
+        except TimeoutError:
+            log.info("WHIP %s: no audio within %.0f s; ending the leg", self.id, self._connect_timeout_s)
+        except Exception:
+            log.exception("WHIP %s: receiving audio failed", self.id)
+        finally:
+            self._on_done(self)
+
+    def _deliver(self, frame: av.AudioFrame) -> None:
+        gap = self.clock.gap(frame)
+        try:
+            samples = mono_s16(frame)
+        except CodecError:
+            self._sink.dropped("webrtc_frame_format", 1)
+            return
+        if frame.sample_rate not in SUPPORTED_RATES:
+            self._sink.dropped("webrtc_sample_rate", 1)
+            return
+        if gap:
+            self._sink.audio(np.zeros(gap, dtype=np.int16), frame.sample_rate)
+        self._sink.audio(samples, frame.sample_rate)
+        self.frames += 1
+
+    def _connection_state_changed(self) -> None:
+        if self._pc.connectionState in ("failed", "closed"):
+            self._on_done(self)
+
+    async def close(self) -> None:
+        """Close the peer connection, stop receiving and end the leg; safe to call again."""
+        if self._closed is not None:
+            await self._closed.wait()
+            return
+        self._closed = asyncio.Event()
+        try:
+            await self._pc.close()
+        finally:
+            try:
+                await self._stop_receiving()
+                self._sink.ended()
+            finally:
+                self._closed.set()
+
+    async def _stop_receiving(self) -> None:
+        # Closing the peer connection ends the track, so the task is normally finishing
+        # already; it catches everything but cancellation, so waiting raises nothing.
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+
+
+def _accepted_capabilities():
+    """aiortc's audio codecs that a WHIP leg accepts, in aiortc's order."""
+    codecs = RTCRtpReceiver.getCapabilities("audio").codecs
+    return [c for c in codecs if f"{c.mimeType.split('/')[1].lower()}/{c.clockRate}" in ACCEPTED_CODECS]
