@@ -15,8 +15,9 @@ from mediaserver.webhooks import SIGNATURE_HEADER, verify
 class Receiver:
     """Answers 500 to the first `fail_first` attempts of every event, 200 afterwards."""
 
-    def __init__(self, secrets: dict[str, str], fail_first: int = 0) -> None:
+    def __init__(self, secrets: dict[str, str], fail_first: int = 0, port: int = 0) -> None:
         self.secrets = secrets
+        self.port = port
         self.fail_first = fail_first
         self.attempts: dict[str, int] = defaultdict(int)
         self.events: list[dict] = []  # delivered (answered 200), in order
@@ -29,7 +30,7 @@ class Receiver:
         app.router.add_post("/action", self._hook)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}/hook"
