@@ -69,6 +69,7 @@ class Config:
     silence_threshold_dbfs: float = -45.0
     mp3_quality: int = 2
     opus_complexity: int = 10
+    wav_buffer_ms: int = 250  # WAV audio gathered per write; what a crash can lose at most
     recording_retention_hours: float = 720.0
     recording_base_url: str = ""
     retention_sweep_s: float = 60.0
@@ -232,7 +233,7 @@ def validate(config: Config) -> None:
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
             raise ConfigError(f"setting {name} must be an http(s) URL, not {url!r}")
     _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h"), allow_zero=True)
-    _positive(config, ("tick_ms", "jitter_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s"))
+    _positive(config, ("tick_ms", "jitter_ms", "wav_buffer_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s"))
     if not 0 <= config.mp3_quality <= 9:
         raise ConfigError("setting mp3_quality must be 0 (best) .. 9 (fastest)")
     if not 0 <= config.opus_complexity <= 10:

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from mediaserver.api import ingest_ws, ops, recordings, sessions
+from mediaserver.api import ingest_ws, ops, recordings, sessions, whip
 from mediaserver.api.auth import authenticate
 from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
 from mediaserver.catalog import Catalog
@@ -117,7 +117,7 @@ async def _close_services(app: web.Application) -> None:
 def _service_factories():
     """(name, factory) of the ingest services beyond HTTP; a factory takes the application
     and returns an object with `async start()` and `async close()`, or None to stay off."""
-    return []
+    return [(whip.SERVICE_NAME, whip.make_service)]
 
 
 def make_app(config: Config, clock=None) -> web.Application:
@@ -131,4 +131,5 @@ def make_app(config: Config, clock=None) -> web.Application:
     sessions.setup(app)
     recordings.setup(app)
     ingest_ws.setup(app)
+    whip.setup(app)
     return app

@@ -26,7 +26,7 @@ def _op(summary: str, responses: dict[int, str], *, body: str | None = None, par
 
 
 def _param(name: str) -> dict[str, Any]:
-    where = "path" if name in ("uuid", "id", "command", "role", "call_sid", "key") else "query"
+    where = "path" if name in ("uuid", "id", "command", "role", "call_sid", "key", "leg_id") else "query"
     return {"name": name, "in": where, "required": where == "path", "schema": {"type": "string"}}
 
 
@@ -84,9 +84,42 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/ws/v1/twilio": {
             "get": _op("WebSocket in the Twilio Media Streams JSON protocol", {101: "switching protocols", 401: "unauthenticated"}, params=("session", "token"), tags=("ingest",)),
         },
+        **_whip_paths(),
         "/healthz": {"get": _op("Liveness", {200: "ok"}, tags=("operations",), security=False)},
         "/metrics": {"get": _op("Prometheus metrics", {200: "text exposition format"}, tags=("operations",), security=False)},
         "/openapi.json": {"get": _op("This document", {200: "OpenAPI 3.1"}, tags=("operations",), security=False)},
+    }
+
+
+def _sdp(op: dict[str, Any], *, request: bool = False, status: str | None = None) -> dict[str, Any]:
+    """`op` with an SDP request body or an SDP response (WHIP speaks application/sdp)."""
+    sdp = {"application/sdp": {"schema": {"type": "string"}}}
+    if request:
+        op["requestBody"] = {"required": True, "content": sdp}
+    if status:
+        op["responses"][status]["content"] = sdp
+    return op
+
+
+def _whip_paths() -> dict[str, dict[str, Any]]:
+    """WHIP (RFC 9725): auth by API headers or the session's ingest `token`."""
+    w = ("ingest",)
+    created = {201: "the SDP answer; Location names the leg", 400: "malformed SDP, uuid or role", 401: "unauthenticated",
+               403: "another app's session", 406: "no recordable audio in the offer", 409: "session ended",
+               415: "not application/sdp", 503: "WebRTC ingest off"}
+    return {
+        "/whip/v1/sessions/{uuid}/legs/{role}": {
+            "post": _sdp(_op("WHIP: publish a leg by SDP offer (an unknown session is created)", created,
+                             params=("uuid", "role", "token"), tags=w), request=True, status="201"),
+            "options": _op("WHIP: what the endpoint accepts (Accept-Post)", {204: "no content"}, params=("uuid", "role"), tags=w, security=False),
+        },
+        "/whip/v1/sessions/{uuid}/legs/{role}/{leg_id}": {
+            "delete": _op("WHIP: end the leg", {200: "ended", 401: "unauthenticated", 403: "another app's leg", 404: "no such leg"},
+                          params=("uuid", "role", "leg_id", "token"), tags=w),
+            "patch": _op("WHIP: trickle ICE / ICE restart (not supported)", {501: "not implemented"}, params=("uuid", "role", "leg_id"), tags=w, security=False),
+        },
+        "/whip/publish": {"get": _op("A page that publishes the browser's microphone by WHIP", {200: "text/html"}, tags=w, security=False)},
+        "/whip/publish.js": {"get": _op("The page's script", {200: "text/javascript"}, tags=w, security=False)},
     }
 
 

@@ -208,7 +208,8 @@ class Engine:
         rid = ids.recording_id()
         now = self.clock.time()
         encoder = make_encoder(options.format, options.sample_rate, options.channels, options.effective_bitrate,
-                               mp3_quality=self.config.mp3_quality, opus_complexity=self.config.opus_complexity)
+                               mp3_quality=self.config.mp3_quality, opus_complexity=self.config.opus_complexity,
+                               wav_buffer_ms=self.config.wav_buffer_ms)
         created = dt.datetime.fromtimestamp(now, dt.timezone.utc)
         key = object_key(self.config.s3_key_template, live.app_id, rid, encoder.extension, created)
         spool_path = self.config.data_dir / "spool" / f"{rid}.{encoder.extension}"

@@ -197,10 +197,7 @@ class S3Upload:
         part_size = self._part_size
         for number in range(1, _spool_size(self._spool) // part_size + 1):
             if self._record is None or number not in self._record.parts:
-                offset = (number - 1) * part_size
-                async with self._storage.part_slots:
-                    data, md5, md5_b64 = await asyncio.to_thread(_read_part, self._spool, offset, part_size)
-                    await self._send_part(number, offset, data, md5, md5_b64)
+                await self._sync_part(number, (number - 1) * part_size, part_size)
 
     async def _postpone(self, exc: Exception) -> None:
         if isinstance(exc, S3Error) and exc.upload_lost:
@@ -223,6 +220,15 @@ class S3Upload:
             self._reconciled = True
             await asyncio.to_thread(storage.journal.save, self._record)
         return self._record
+
+    async def _sync_part(self, number: int, offset: int, size: int, whole: Any = None) -> PartRecord:
+        """Read one part of the spool and send it, unless S3 already holds these very bytes."""
+        async with self._storage.part_slots:
+            data, md5, md5_b64 = await asyncio.to_thread(_read_part, self._spool, offset, size, whole)
+            sent = self._record.parts.get(number) if self._record else None
+            if sent is not None and (sent.offset, sent.size, sent.md5) == (offset, size, md5):
+                return sent
+            return await self._send_part(number, offset, data, md5, md5_b64)
 
     async def _send_part(self, number: int, offset: int, data: bytes, md5: str, md5_b64: str) -> PartRecord:
         record = await self._ensure_upload()
@@ -293,7 +299,8 @@ class S3Upload:
             size = self._spool.stat().st_size
         except OSError as exc:
             raise StorageError(f"the spool of {self.key} cannot be read: {exc}") from exc
-        if size <= self._part_size:
+        # Once parts are sent, even a spool that ends within one part completes them.
+        if size == 0 or (self._record is None and size <= self._part_size):
             return await self._put_single(size)
         await self.reconcile()
         return await self._complete_multipart(size)
@@ -307,7 +314,7 @@ class S3Upload:
                 stored = await storage.client.put_object(
                     Bucket=storage.bucket, Key=self.key, Body=data, ContentType=self._content_type, ContentMD5=md5_b64,
                     Metadata={"sha256": whole.hexdigest()}, **storage.sse_params)
-        if self._record is not None:  # the spool shrank to one part after parts were sent
+        if self._record is not None:  # the spool shrank to nothing after parts were sent
             await storage.abort_quietly(self.key, self._record.upload_id)
         return ObjectInfo(self.key, size, whole.hexdigest(), stored["ETag"])
 
@@ -317,13 +324,7 @@ class S3Upload:
         parts = []
         for number in range(1, -(-size // part_size) + 1):
             offset = (number - 1) * part_size
-            length = min(part_size, size - offset)
-            async with self._storage.part_slots:
-                data, md5, md5_b64 = await asyncio.to_thread(_read_part, self._spool, offset, length, whole)
-                sent = self._record.parts.get(number) if self._record else None
-                if sent is None or (sent.offset, sent.size, sent.md5) != (offset, length, md5):
-                    sent = await self._send_part(number, offset, data, md5, md5_b64)
-            parts.append(sent)
+            parts.append(await self._sync_part(number, offset, min(part_size, size - offset), whole))
         etag = await self._complete_parts(parts)
         return ObjectInfo(self.key, size, whole.hexdigest(), etag)
 
@@ -463,7 +464,8 @@ class S3Storage:
         """Wait for start()'s bucket check, until the monotonic `deadline`."""
         if self.ready:
             return
-        self.client  # noqa: B018 - raises when not started, rather than wait for nothing
+        if self._client is None:
+            raise StorageError(f"S3 storage {self.endpoint} bucket {self.bucket} is not started")
         try:
             await asyncio.wait_for(self._ready.wait(), max(deadline - self.clock.monotonic(), 0))
         except TimeoutError:

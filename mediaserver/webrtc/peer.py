@@ -44,8 +44,8 @@ class AudioSink(Protocol):
     def dropped(self, reason: str, count: int) -> None:
         """Input that could not be used, counted by reason."""
 
-    def ended(self) -> None:
-        """The leg is over; called once, by `close()`."""
+    async def ended(self) -> None:
+        """The leg is over; awaited once, by `close()`."""
 
 
 class IngestPeer:
@@ -147,7 +147,7 @@ class IngestPeer:
         finally:
             try:
                 await self._stop_receiving()
-                self._sink.ended()
+                await self._sink.ended()
             finally:
                 self._closed.set()
 

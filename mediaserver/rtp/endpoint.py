@@ -1,0 +1,166 @@
+"""UDP endpoints of RTP legs: a port pair per leg from the configured range, latching.
+
+Each leg gets an even port for RTP and the next one for RTCP (RFC 3550 §11), or RTCP
+multiplexed on the RTP port when the peer asks for it (RFC 5761); RTCP is demultiplexed
+on either port by packet type, parsed and counted.
+
+Symmetric latching: the address a leg's first packet comes from is the peer, whatever SDP
+said (a peer behind NAT announces an address it cannot be reached at). Packets from
+elsewhere are dropped and counted, unless the latched peer has been silent for
+`RELATCH_S`, or signalling announced a new address (`relatch()` after a re-INVITE), in
+which case the next source is latched instead.
+
+The datagram callback does no logging and never raises: a malformed packet is counted
+by the receiver and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mediaserver.errors import ProtocolError
+from mediaserver.rtp.packet import RTCP_MUX_TYPES, RtcpPacket
+
+RELATCH_S = 2.0
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    rtcp_packets: int = 0  # RTCP packets (not datagrams) parsed
+    rtcp_malformed: int = 0
+    foreign: int = 0  # datagrams from another source than the latched peer
+    relatched: int = 0
+
+
+class _RtcpProtocol(asyncio.DatagramProtocol):
+    """The RTCP port of a leg: parse, count, drop."""
+
+    def __init__(self, owner: RtpEndpoint) -> None:
+        self._owner = owner
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self._owner.rtcp_received(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error for a datagram we never sent; nothing to do
+
+
+class RtpEndpoint(asyncio.DatagramProtocol):
+    """One leg's UDP sockets; datagrams go to `receive(data, now)` (an RtpReceiver's)."""
+
+    def __init__(self, receive: Callable[[bytes, float], None], now: Callable[[], float]) -> None:
+        self.port = 0
+        self.rtcp_port = 0
+        self.stats = EndpointStats()
+        self.peer: tuple | None = None
+        self._receive = receive
+        self._now = now
+        self._last_heard = 0.0
+        self._transport: asyncio.DatagramTransport | None = None
+        self._rtcp_transport: asyncio.DatagramTransport | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._transport is None
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        now = self._now()
+        if addr != self.peer and not self._latch(addr, now):
+            self.stats.foreign += 1
+            return
+        self._last_heard = now
+        if len(data) > 1 and data[1] in RTCP_MUX_TYPES:
+            self.rtcp_received(data)
+            return
+        self._receive(data, now)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP port unreachable and the like: receive-only, nothing to react to
+
+    def rtcp_received(self, data: bytes) -> None:
+        try:
+            self.stats.rtcp_packets += len(RtcpPacket.parse_compound(data))
+        except ProtocolError:
+            self.stats.rtcp_malformed += 1
+
+    def relatch(self) -> None:
+        """Signalling moved the peer (a re-INVITE with a new address): latch afresh."""
+        self.peer = None
+
+    def _latch(self, addr, now: float) -> bool:
+        if self.peer is not None and now - self._last_heard < RELATCH_S:
+            return False
+        if self.peer is not None:
+            self.stats.relatched += 1
+        self.peer = addr
+        return True
+
+    def close(self) -> None:
+        """Close both sockets; idempotent."""
+        for transport in (self._transport, self._rtcp_transport):
+            if transport is not None:
+                transport.close()
+        self._transport = self._rtcp_transport = None
+
+
+class PortPool:
+    """Hands out RTP/RTCP port pairs from [low, high] on `host`, round robin.
+
+    Round robin rather than lowest-free keeps a port that was just released from being
+    reused at once, so late packets of an ended call do not land in a new one. `low` of
+    0 lets the system choose (RTCP then gets its own ephemeral port).
+    """
+
+    def __init__(self, host: str, low: int, high: int) -> None:
+        self.host = host
+        self.low = low + (low & 1)  # RFC 3550 §11: RTP on an even port
+        self.high = high
+        self._next = self.low
+
+    async def open(self, endpoint: RtpEndpoint) -> RtpEndpoint:
+        """Bind a pair for `endpoint`; OSError(EADDRINUSE) when the range is exhausted."""
+        loop = asyncio.get_running_loop()
+        rtp, rtcp = self._bind_pair()
+        try:
+            endpoint._transport, _ = await loop.create_datagram_endpoint(lambda: endpoint, sock=rtp)
+            endpoint._rtcp_transport, _ = await loop.create_datagram_endpoint(lambda: _RtcpProtocol(endpoint), sock=rtcp)
+        except BaseException:
+            endpoint.close()
+            rtp.close()
+            rtcp.close()
+            raise
+        endpoint.port, endpoint.rtcp_port = rtp.getsockname()[1], rtcp.getsockname()[1]
+        return endpoint
+
+    def _bind_pair(self) -> tuple[socket.socket, socket.socket]:
+        if self.low == 0:
+            return _bind(self.host, 0), _bind(self.host, 0)
+        pairs = max((self.high - self.low + 1) // 2, 0)
+        for _ in range(pairs):
+            port = self._next
+            self._next = port + 2 if port + 3 <= self.high else self.low
+            try:
+                rtp = _bind(self.host, port)
+            except OSError:
+                continue
+            try:
+                return rtp, _bind(self.host, port + 1)
+            except OSError:
+                rtp.close()
+        raise OSError(errno.EADDRINUSE, f"no free RTP port pair in {self.low}-{self.high} on {self.host}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
