@@ -51,7 +51,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediaserver_input_dropped_total Input refused or dropped, by reason.",
         "# TYPE mediaserver_input_dropped_total counter",
     ]
-    for reason, count in sorted(engine.dropped.items()):
+    for reason, count in sorted(engine.dropped_totals().items()):
         lines.append(f'mediaserver_input_dropped_total{{reason="{reason}"}} {count}')
     lateness = list(engine.lateness)
     lines += [

@@ -54,10 +54,11 @@ class Block:
 class LegBuffer:
     """Frames of one leg waiting to be read, in timeline order."""
 
-    def __init__(self, leg_id: str, role: str, joined_at: int) -> None:
+    def __init__(self, leg_id: str, role: str, joined_at: int, totals: LegStats | None = None) -> None:
         self.leg_id = leg_id
         self.role = role
         self.stats = LegStats()
+        self._totals = totals if totals is not None else LegStats()
         self.joined_at = joined_at
         self.first_pts: int | None = None
         # Until its first frame a leg has "delivered" up to where it joined, which keeps a
@@ -79,6 +80,7 @@ class LegBuffer:
         if pts < read_pos:
             late = min(pts + len(samples), read_pos) - pts
             self.stats.late_samples += late
+            self._totals.late_samples += late
             if late == len(samples):
                 return
             samples, pts = samples[late:], read_pos
@@ -105,7 +107,9 @@ class LegBuffer:
             lo = max(lo, prev_pts + len(prev))
         hi = self._chunks[index][0] if index < len(self._chunks) else end
         hi = min(hi, end)
-        self.stats.overlap_samples += len(samples) - max(hi - lo, 0)
+        overlap = len(samples) - max(hi - lo, 0)
+        self.stats.overlap_samples += overlap
+        self._totals.overlap_samples += overlap
         if hi <= lo:
             return
         self._accept(samples[lo - pts:hi - pts], lo)
@@ -145,12 +149,13 @@ class Mixer:
         self.rate = rate
         self.cursor = start
         self.legs: dict[str, LegBuffer] = {}
+        self.totals = LegStats()  # drops of every leg this mixer has had
 
     def add_leg(self, leg_id: str, role: str, at: int | None = None) -> LegBuffer:
         """A leg that joins at timeline position `at` (the cursor when not given)."""
         if leg_id in self.legs:
             raise ValueError(f"leg {leg_id} already exists")
-        leg = self.legs[leg_id] = LegBuffer(leg_id, role, max(self.cursor if at is None else at, self.cursor))
+        leg = self.legs[leg_id] = LegBuffer(leg_id, role, max(self.cursor if at is None else at, self.cursor), self.totals)
         return leg
 
     def push(self, frame: PcmFrame) -> None:

@@ -173,6 +173,13 @@ class Engine:
     def count_dropped(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
+    def dropped_totals(self) -> dict[str, int]:
+        """Input dropped so far by reason, live sessions included (samples for audio)."""
+        totals = dict(self.dropped)
+        for live in list(self.sessions.values()):
+            _add_mixer_drops(totals, live.session.mixer.totals)
+        return totals
+
     def post_dtmf(self, live: LiveSession, leg_id: str, event: DtmfEvent) -> None:
         live.session.post(("dtmf", leg_id, event))
 
@@ -322,6 +329,7 @@ class Engine:
 
     def _session_ended(self, live: LiveSession) -> None:
         del self.sessions[live.uuid]
+        _add_mixer_drops(self.dropped, live.session.mixer.totals)
         now = self.clock.time()
         self.catalog.update_session(live.uuid, state="ended", ended_at=now)
         for leg_id in live.legs:
@@ -459,6 +467,12 @@ class Engine:
             error=row["error"] or ("the server stopped during the recording; the audio received until then was kept" if interrupted else None))
         upload = await self.storage.resume(row["storage_key"], spool, row["content_type"])
         await self.finish_upload(rid, row["app_id"], upload, duration)
+
+
+def _add_mixer_drops(totals: dict[str, int], stats) -> None:
+    for reason, count in (("late_samples", stats.late_samples), ("overlap_samples", stats.overlap_samples)):
+        if count:
+            totals[reason] = totals.get(reason, 0) + count
 
 
 def legs_view(recording: Recording, counters: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:

@@ -272,6 +272,7 @@ class Session:
         """Move the timeline to a new rate (a recording asked for another sample rate)."""
         old = self.mixer
         self.mixer = Mixer(rate, rescale(old.cursor, old.rate, rate))
+        self.mixer.totals = old.totals
         for leg_id, buffer in old.legs.items():
             leg = self.inputs[leg_id]
             leg.detector = None
