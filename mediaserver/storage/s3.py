@@ -8,8 +8,8 @@ One `S3Upload` per recording, fed from its spool file:
 - `complete()` reads the final spool once, part by part: it hashes the whole object
   (sha256), re-sends every part whose bytes changed since they were sent (encoders patch
   what they wrote first: WAV sizes at offset 0, the MP3 info frame), sends the tail as the
-  last part and completes. At most one part's bytes are in memory per upload, and
-  `max_parts_in_flight` bounds that across all uploads.
+  last part and completes. An upload holds one part in memory at a time (and the HTTP
+  client a copy while sending it); `max_parts_in_flight` bounds that across all uploads.
 - After every part the journal (`journal.py`) records upload id, part numbers, offsets,
   sizes, MD5s and ETags. After a restart, `resume()` reconciles it with ListParts and
   carries on; without a journal the upload starts over from the spool.
@@ -206,7 +206,8 @@ class S3Upload:
         self._not_before = self._storage.clock.monotonic() + delay
         # The first failure of a run is worth a warning; the rest of an outage is noise.
         level = logging.WARNING if self._backoff.failures == 1 else logging.DEBUG
-        log.log(level, "S3 upload of %s failed (%s); the spool keeps the audio, next try in %.1f s", self.key, exc, delay)
+        log.log(level, "S3 upload of %s failed (%s); the spool keeps the audio, next try in %.1f s",
+                self.key, exc, delay)
 
     # -- the parts -----------------------------------------------------------------------
 
@@ -216,7 +217,8 @@ class S3Upload:
             with storage.errors("CreateMultipartUpload", self.key):
                 created = await storage.client.create_multipart_upload(
                     Bucket=storage.bucket, Key=self.key, ContentType=self._content_type, **storage.sse_params)
-            self._record = UploadRecord(self.key, created["UploadId"], str(self._spool), self._content_type, storage.part_size)
+            self._record = UploadRecord(
+                self.key, created["UploadId"], str(self._spool), self._content_type, storage.part_size)
             self._reconciled = True
             await asyncio.to_thread(storage.journal.save, self._record)
         return self._record
@@ -235,7 +237,8 @@ class S3Upload:
         storage = self._storage
         with storage.errors("UploadPart", self.key):
             sent = await storage.client.upload_part(
-                Bucket=storage.bucket, Key=self.key, UploadId=record.upload_id, PartNumber=number, Body=data, ContentMD5=md5_b64)
+                Bucket=storage.bucket, Key=self.key, UploadId=record.upload_id, PartNumber=number,
+                Body=data, ContentMD5=md5_b64)
         part = PartRecord(number, offset, len(data), md5, sent["ETag"])
         record.parts[number] = part
         await asyncio.to_thread(storage.journal.save, record)
@@ -246,7 +249,8 @@ class S3Upload:
         record, self._record = self._record, None
         self._reconciled = True
         if record is not None:
-            log.warning("S3 multipart upload %s of %s is unusable (%s); starting over from the spool", record.upload_id, self.key, exc.code)
+            log.warning("S3 multipart upload %s of %s is unusable (%s); starting over from the spool",
+                        record.upload_id, self.key, exc.code)
             if exc.code != "NoSuchUpload":
                 await self._storage.abort_quietly(self.key, record.upload_id)
             await asyncio.to_thread(self._storage.journal.remove, self.key)
@@ -287,7 +291,8 @@ class S3Upload:
                     raise
                 delay = backoff.next()
                 if storage.clock.monotonic() + delay > deadline:
-                    raise StorageError(f"{self.key} could not be stored within {storage.retry_for_s:g} s: {exc}") from exc
+                    message = f"{self.key} could not be stored within {storage.retry_for_s:g} s: {exc}"
+                    raise StorageError(message) from exc
                 level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
                 log.log(level, "completing S3 upload of %s failed (%s); retrying in %.1f s", self.key, exc, delay)
                 await asyncio.sleep(delay)
@@ -358,44 +363,40 @@ class S3Upload:
 
 
 class S3Storage:
-    """Recordings in an S3 bucket (path-style addressing, SigV4), uploaded while they are made."""
+    """Recordings in an S3 bucket (path-style addressing, SigV4), uploaded while they are made.
+
+    The `s3_*` settings of `config` say where; the journal lives in `data_dir/journal`;
+    orphans are looked for under the fixed start of `s3_key_template`. The keywords tune
+    retrying: `retry_for_s` is how long complete() keeps trying through an outage,
+    `backoff_s` the first and the longest delay between tries.
+    """
 
     name = "s3"
 
-    def __init__(self, *, endpoint: str, bucket: str, region: str, access_key: str, secret_key: str,
-                 journal_dir: Path, part_size: int = 8 * MiB, sse: str = "none", prefix: str = "",
-                 retry_for_s: float = RETRY_FOR_S, backoff_s: tuple[float, float] = (1.0, 30.0),
-                 connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0, max_parts_in_flight: int = 4,
-                 clock: Clock | None = None) -> None:
-        if part_size < MIN_PART_SIZE:
-            raise ValueError(f"S3 parts are at least {MIN_PART_SIZE} bytes, not {part_size}")
-        if sse not in ("none", "AES256"):
-            raise ValueError(f"unsupported S3 server-side encryption {sse!r}")
-        self.endpoint = endpoint
-        self.bucket = bucket
-        self.region = region
-        self.part_size = part_size
-        self.prefix = prefix
+    def __init__(self, config: Config, *, retry_for_s: float = RETRY_FOR_S,
+                 backoff_s: tuple[float, float] = (1.0, 30.0), connect_timeout_s: float = 5.0,
+                 read_timeout_s: float = 60.0, max_parts_in_flight: int = 4, clock: Clock | None = None) -> None:
+        if config.s3_part_size < MIN_PART_SIZE:
+            raise ValueError(f"S3 parts are at least {MIN_PART_SIZE} bytes, not {config.s3_part_size}")
+        if config.s3_sse not in ("none", "AES256"):
+            raise ValueError(f"unsupported S3 server-side encryption {config.s3_sse!r}")
+        self.endpoint = config.s3_endpoint
+        self.bucket = config.s3_bucket
+        self.region = config.s3_region
+        self.part_size = config.s3_part_size
+        self.prefix = key_prefix(config.s3_key_template)
         self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
         self.clock = clock or SystemClock()
-        self.journal = Journal(journal_dir)
-        self.sse_params = {"ServerSideEncryption": "AES256"} if sse == "AES256" else {}
+        self.journal = Journal(config.data_dir / "journal")
+        self.sse_params = {"ServerSideEncryption": "AES256"} if config.s3_sse == "AES256" else {}
         self.part_slots = asyncio.Semaphore(max_parts_in_flight)
-        self._credentials = (access_key, secret_key)
+        self._credentials = (config.s3_access_key, config.s3_secret_key)
         self._timeouts = (connect_timeout_s, read_timeout_s)
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._ready = asyncio.Event()
         self._checker: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_config(cls, config: Config, **kwargs: Any) -> "S3Storage":
-        """The backend the `s3_*` settings describe; journal in data_dir/journal."""
-        return cls(endpoint=config.s3_endpoint, bucket=config.s3_bucket, region=config.s3_region,
-                   access_key=config.s3_access_key, secret_key=config.s3_secret_key, part_size=config.s3_part_size,
-                   sse=config.s3_sse, prefix=key_prefix(config.s3_key_template),
-                   journal_dir=config.data_dir / "journal", **kwargs)
 
     @property
     def client(self) -> Any:
@@ -419,25 +420,32 @@ class S3Storage:
         """
         if self._client is not None:
             return
+        self._client = await self._stack.enter_async_context(self._create_client())
+        try:
+            await self._check_and_sweep()
+        except S3Error as exc:
+            if exc.transient:
+                log.warning("%s; recordings are spooled on disk and uploaded once it answers", exc)
+                self._checker = asyncio.create_task(self._check_until_ready(), name="s3-start-check")
+                return
+            await self.close()
+            raise
+        except BaseException:
+            await self.close()
+            raise
+
+    def _create_client(self) -> Any:
         access_key, secret_key = self._credentials
         config = AioConfig(
             signature_version="s3v4", s3={"addressing_style": "path"},
             connect_timeout=self._timeouts[0], read_timeout=self._timeouts[1],
             # Our own backoff spans outages; botocore only smooths over a single blip.
             retries={"mode": "standard", "total_max_attempts": 2},
-            # Integrity comes from Content-MD5 on every upload, which every S3 clone checks.
+            # Every upload carries Content-MD5 instead: S3-compatible servers do not all know the CRC headers.
             request_checksum_calculation="when_required", response_checksum_validation="when_required")
-        self._client = await self._stack.enter_async_context(get_session().create_client(
+        return get_session().create_client(
             "s3", endpoint_url=self.endpoint, region_name=self.region,
-            aws_access_key_id=access_key, aws_secret_access_key=secret_key, config=config))
-        try:
-            await self._check_and_sweep()
-        except S3Error as exc:
-            if not exc.transient:
-                await self.close()
-                raise
-            log.warning("%s; recordings are spooled on disk and uploaded once it answers", exc)
-            self._checker = asyncio.create_task(self._check_until_ready(), name="s3-start-check")
+            aws_access_key_id=access_key, aws_secret_access_key=secret_key, config=config)
 
     async def _check_and_sweep(self) -> None:
         with self.errors("HeadBucket"):

@@ -89,13 +89,15 @@ def free_ports(host: str = "127.0.0.1", s3_port: int | None = None) -> dict[str,
     return ports
 
 
-def write_identities(path: Path, credentials: Credentials) -> None:
-    """The S3 identities file: one admin user with these credentials."""
-    identities = {"identities": [{
-        "name": "admin",
-        "credentials": [{"accessKey": credentials.access_key, "secretKey": credentials.secret_key}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}
+def write_identities(path: Path, credentials: Credentials, readonly: Credentials | None = None) -> None:
+    """The S3 identities file: an admin user and, if given, one that may only read and list."""
+    users = [("admin", credentials, ["Admin", "Read", "List", "Tagging", "Write"])]
+    if readonly is not None:
+        users.append(("reader", readonly, ["Read", "List"]))
+    identities = {"identities": [
+        {"name": name, "credentials": [{"accessKey": c.access_key, "secretKey": c.secret_key}], "actions": actions}
+        for name, c, actions in users
+    ]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(identities, indent=2) + "\n")
@@ -142,6 +144,7 @@ class WeedMini:
         return [
             self.weed, f"-logdir={data}", "mini", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.host}",
             *ports, f"-s3.config={self.identities}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",  # as AWS: a PUT into a deleted bucket is NoSuchBucket
             f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock",
             "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
             f"-volume.max={self.volume_max}", "-master.volumeSizeLimitMB=64",
@@ -176,7 +179,8 @@ class WeedMini:
                     return
                 except (BotoCoreError, ClientError):
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"S3 at {self.endpoint} not ready after {timeout} s:\n{self.log_tail()}") from None
+                        message = f"S3 at {self.endpoint} not ready after {timeout} s:\n{self.log_tail()}"
+                        raise TimeoutError(message) from None
                 time.sleep(0.1)
         finally:
             client.close()
@@ -240,33 +244,41 @@ def environment(server: WeedMini, bucket: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mediaserver.tools.seaweedfs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", type=Path, default=Path("data/seaweedfs"), help="data directory (default: %(default)s)")
+    parser.add_argument("--dir", type=Path, default=Path("data/seaweedfs"),
+                        help="data directory (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8333, help="S3 port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--bucket", default="recordings", help="bucket to create (default: %(default)s)")
     args = parser.parse_args(argv)
-    identities = args.dir.resolve() / "identities.json"
+    data_dir = args.dir.resolve()
+    identities = data_dir / "identities.json"
     credentials = read_identities(identities) if identities.exists() else Credentials.generate()
     try:
-        ports = free_ports(s3_port=args.port or None)
+        server = WeedMini(data_dir, credentials, free_ports(s3_port=args.port or None))
     except OSError as exc:
         parser.exit(2, f"error: {exc}\n")
-    server = WeedMini(args.dir.resolve(), credentials, ports)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on `kill` as on Ctrl-C
     try:
-        server.start()
-        server.create_bucket(args.bucket)
-        print(f"SeaweedFS S3 at {server.endpoint}, data in {server.data_dir}; Ctrl-C stops it. Use:\n")
-        for name, value in environment(server, args.bucket).items():
-            print(f"export {name}={value}")
-        sys.stdout.flush()
-        while server.running:
-            time.sleep(0.5)
-        print(f"weed mini exited:\n{server.log_tail()}", file=sys.stderr)
-        return 1
+        return _serve(server, args.bucket)
     except KeyboardInterrupt:
         return 0
+    except (OSError, RuntimeError, BotoCoreError, ClientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         server.stop()
+
+
+def _serve(server: WeedMini, bucket: str) -> int:
+    server.start()
+    server.create_bucket(bucket)
+    print(f"SeaweedFS S3 at {server.endpoint}, data in {server.data_dir}; Ctrl-C stops it. Use:\n")
+    for name, value in environment(server, bucket).items():
+        print(f"export {name}={value}")
+    sys.stdout.flush()
+    while server.running:
+        time.sleep(0.5)
+    print(f"weed mini exited:\n{server.log_tail()}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
