@@ -41,6 +41,7 @@ class Config:
     http_port: int = 8080
     sip_host: str = "127.0.0.1"
     sip_port: int = 5060
+    sip_answer_delay_ms: int = 0  # ring (180) this long before answering an INVITE; 0 answers at once
     rtp_port_min: int = 20000
     rtp_port_max: int = 29999
     data_dir: Path = Path("./data")
@@ -53,6 +54,7 @@ class Config:
     s3_secret_key: str = ""
     s3_part_size: int = 8 * MiB
     s3_sse: str = "none"
+    s3_retry_for_s: float = 86400.0  # how long an upload is retried through an S3 outage
     s3_key_template: str = "recordings/{app_id}/{yyyy}/{mm}/{dd}/{recording_id}.{ext}"
     apps: tuple[App, ...] = ()
     command_cooldown_s: float = 2.0
@@ -232,7 +234,8 @@ def validate(config: Config) -> None:
         url = getattr(config, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
             raise ConfigError(f"setting {name} must be an http(s) URL, not {url!r}")
-    _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h"), allow_zero=True)
+    _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h",
+                       "sip_answer_delay_ms", "s3_retry_for_s"), allow_zero=True)
     _positive(config, ("tick_ms", "jitter_ms", "wav_buffer_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s"))
     if not 0 <= config.mp3_quality <= 9:
         raise ConfigError("setting mp3_quality must be 0 (best) .. 9 (fastest)")

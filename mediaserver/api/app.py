@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from mediaserver.api import ingest_ws, ops, recordings, sessions, whip
+from mediaserver.api import ingest_ws, ops, recordings, sessions, telephony, whip
 from mediaserver.api.auth import authenticate
 from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
 from mediaserver.catalog import Catalog
@@ -69,7 +69,7 @@ def make_storage(config: Config, clock):
     if config.storage == "s3":
         from mediaserver.storage.s3 import S3Storage
 
-        return S3Storage(config)
+        return S3Storage(config, retry_for_s=config.s3_retry_for_s)
     return LocalStorage(config.data_dir, config.secret_key, config.base_url, clock)
 
 
@@ -117,7 +117,7 @@ async def _close_services(app: web.Application) -> None:
 def _service_factories():
     """(name, factory) of the ingest services beyond HTTP; a factory takes the application
     and returns an object with `async start()` and `async close()`, or None to stay off."""
-    return [(whip.SERVICE_NAME, whip.make_service)]
+    return [(whip.SERVICE_NAME, whip.make_service), ("rtp", telephony.make_rtp_service), ("sip", telephony.make_sip_service)]
 
 
 def make_app(config: Config, clock=None) -> web.Application:

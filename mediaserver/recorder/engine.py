@@ -444,7 +444,20 @@ class Engine:
         for row in self.catalog.active_sessions():
             self.catalog.update_session(row["uuid"], state="ended", ended_at=self.clock.time())
         for row in self.catalog.recordings_in(ACTIVE_STATES):
-            self._spawn(self._recover_one(row), f"recover-{row['id']}")
+            self._spawn(self._recover(row), f"recover-{row['id']}")
+
+    async def _recover(self, row: dict[str, Any]) -> None:
+        """Recover one recording, waiting out storage that is down for now."""
+        delay = 1.0
+        while True:
+            try:
+                return await self._recover_one(self.catalog.recording(row["id"]))
+            except StorageError as exc:
+                if not getattr(exc, "transient", False):
+                    raise
+                log.warning("recovering %s: %s (retrying in %.0f s)", row["id"], exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
 
     async def _recover_one(self, row: dict[str, Any]) -> None:
         rid = row["id"]
