@@ -325,3 +325,14 @@ async def test_healthz_and_metrics(server):
     for name in ("mediaserver_sessions_active", 'mediaserver_recordings{state="completed"} 1', "mediaserver_frames_received_total",
                  "mediaserver_webhook_backlog", "mediaserver_tick_lateness_seconds"):
         assert name in text, name
+
+
+async def test_an_idle_session_ends_by_itself(tmp_path):
+    async with Server(tmp_path, session_idle_s=0.5) as server:
+        uuid = (await server.create_session())["uuid"]
+        for _ in range(100):
+            status, data, _ = await server.api("GET", f"/api/v1/sessions/{uuid}")
+            if data["state"] == "ended":
+                break
+            await asyncio.sleep(0.1)
+        assert data["state"] == "ended"

@@ -72,6 +72,7 @@ class LiveSession:
     last_command_at: float | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ending: bool = False
+    idle_since: float | None = None  # monotonic time since when it has had no live leg or recording
     on_end: list[Callable[[], Any]] = field(default_factory=list)
 
 
@@ -253,6 +254,7 @@ class Engine:
             if loop.time() - self._last_pump >= PUMP_EVERY_S:
                 self._last_pump = loop.time()
                 self._pump_uploads()
+                await self._end_idle_sessions()
             due += interval
             delay = due - loop.time()
             if delay < -interval:
@@ -340,6 +342,17 @@ class Engine:
                 callback()
             except Exception:
                 log.exception("session %s end callback failed", live.uuid)
+
+    async def _end_idle_sessions(self) -> None:
+        now = self.clock.monotonic()
+        for live in list(self.sessions.values()):
+            if live.ending or set(live.legs) - live.ended_legs or live.recordings:
+                live.idle_since = None
+            elif live.idle_since is None:
+                live.idle_since = now
+            elif now - live.idle_since >= self.config.session_idle_s:
+                log.info("session %s idle for %.0f s: ending it", live.uuid, now - live.idle_since)
+                await self.end_session(live.uuid)
 
     # -- storing -----------------------------------------------------------------------
 
