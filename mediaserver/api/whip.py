@@ -5,21 +5,24 @@
   an unknown session is created for the caller, as with the WebSocket ingest.
 - `DELETE` on that location ends the leg → 200. The leg also ends when the client's
   stream or connection ends, and with its session.
-- `OPTIONS` on the endpoint → 204 with `Accept-Post: application/sdp` (§4.1);
-  `PATCH` on a leg → 501: neither trickle ICE nor ICE restarts are supported (§4.3.1).
+- `OPTIONS` on the endpoint → 204 with `Accept-Post: application/sdp`; `PATCH` on a leg →
+  501: neither trickle ICE nor ICE restarts are supported (RFC 9725, "HTTP PATCH Request
+  Usage"), so a client sends every candidate in its offer.
 - `GET /whip/publish` (+ `publish.js`): a page that publishes the browser's microphone.
 
 Authentication is the ingest rule: API headers (Bearer included) or the session's
 signed `?token=` from `POST /api/v1/sessions`; the token is carried over to `Location`
 so that a client holding only the URL can end its leg. A malformed offer is 400, one
-this server cannot record (no audio, several, no common codec) is 406 (§4.2).
+this server cannot record (no audio, several, no common codec) is 406, as RFC 9725 asks.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from pathlib import Path
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
@@ -32,6 +35,8 @@ from mediaserver.errors import ServiceError
 from mediaserver.recorder.engine import Engine, LiveSession
 from mediaserver.webrtc import Offer, OfferError, WhipService
 from mediaserver.webrtc.ice import addresses_for
+
+log = logging.getLogger(__name__)
 
 ENDPOINT = "/whip/v1/sessions/{uuid}/legs/{role}"
 RESOURCE = ENDPOINT + "/{leg_id}"
@@ -55,18 +60,26 @@ class _LegSink:
         self.live = live
         self.leg_id = leg_id
         self.created = created
+        self.counters = live.session.inputs[leg_id]  # packets and lost, shown per leg in recordings
         self.on_session_end = None  # the callback registered in live.on_end, if any
 
     def audio(self, samples: np.ndarray, rate: int) -> None:
+        self.counters.packets += 1
         if not self.live.ending:
             self.engine.post_pcm(self.live, self.leg_id, samples, rate)
+
+    def gap(self, count: int, rate: int, packets: int) -> None:
+        self.counters.lost += packets
+        if not self.live.ending:
+            self.engine.post_pcm(self.live, self.leg_id, np.zeros(count, dtype=np.int16), rate)
 
     def dropped(self, reason: str, count: int) -> None:
         self.engine.count_dropped(reason, count)
 
-    async def ended(self) -> None:
+    async def ended(self, stats: dict[str, Any]) -> None:
         if self.on_session_end in self.live.on_end:
             self.live.on_end.remove(self.on_session_end)
+        self.engine.catalog.update_leg(self.leg_id, stats=stats)
         if self.engine.sessions.get(self.live.uuid) is not self.live:
             return  # the session is over: its legs were ended with it
         self.engine.end_leg(self.live, self.leg_id)
@@ -75,9 +88,17 @@ class _LegSink:
             await self.engine.end_session(live.uuid)
 
 
+class LegOwner(NamedTuple):
+    """Who a WHIP leg belongs to: checked before a DELETE ends it."""
+
+    app_id: str
+    session_uuid: str
+    role: str
+
+
 def _service(request: web.Request) -> WhipService:
     service = request.app[SERVICES].get(SERVICE_NAME)
-    if service is None:
+    if service is None or service.closing:
         raise ServiceError(503, "whip.unavailable", "WebRTC ingest is not running on this server")
     return service
 
@@ -130,11 +151,13 @@ async def publish(request: web.Request) -> web.Response:
     leg_id = engine.add_leg(live, role, "webrtc")
     sink = _LegSink(engine, live, leg_id, created)
     try:
-        answer = await service.open(leg_id, offer, sink, owner=(caller.id, uuid, role))
+        answer = await service.open(leg_id, offer, sink, owner=LegOwner(caller.id, uuid, role))
     except OfferError as exc:
+        log.info("WHIP offer for %s/%s refused: %s", uuid, role, exc)
         raise _refusal(exc) from None
     sink.on_session_end = functools.partial(service.end_soon, leg_id)
     live.on_end.append(sink.on_session_end)
+    log.info("WHIP leg %s (%s) joined session %s", leg_id, role, uuid)
     return web.Response(status=201, text=answer, content_type=SDP, headers={"Location": _location(request, leg_id)})
 
 
@@ -151,21 +174,21 @@ async def unpublish(request: web.Request) -> web.Response:
     caller = ingest_app(app[CONFIG], request, uuid, app[CLOCK].time())
     service = _service(request)
     peer = service.get(leg_id)
-    if peer is None or peer.owner[1:] != (uuid, role):
+    if peer is None or (peer.owner.session_uuid, peer.owner.role) != (uuid, role):
         raise ServiceError(404, "whip.not_found", f"no WHIP leg {leg_id} in session {uuid} (ended, or never created)")
-    if peer.owner[0] != caller.id:
+    if peer.owner.app_id != caller.id:
         raise ServiceError(403, "auth.forbidden", "this leg belongs to another app")
     await service.end(leg_id)
     return web.Response(status=200)
 
 
 async def options(request: web.Request) -> web.Response:
-    """What the endpoint accepts (RFC 9725 §4.1); needs no credentials."""
+    """What the endpoint accepts (RFC 9725: Accept-Post); needs no credentials."""
     return web.Response(status=204, headers={"Allow": "OPTIONS, POST", "Accept-Post": SDP})
 
 
 async def patch(request: web.Request) -> web.Response:
-    """Trickle ICE and ICE restarts are not supported: 501 (RFC 9725 §4.3.1)."""
+    """Trickle ICE and ICE restarts are not supported, which RFC 9725 answers with 501."""
     raise ServiceError(501, "whip.patch_not_supported",
                        "this server supports neither trickle ICE nor ICE restarts: send every candidate in the offer")
 

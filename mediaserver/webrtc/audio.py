@@ -40,8 +40,8 @@ class FrameClock:
 
     def __init__(self, max_fill_s: float = MAX_FILL_S) -> None:
         self.max_fill_s = max_fill_s
-        self._next: int | None = None  # where the next frame should start, at `_rate`
-        self._rate = 0
+        self._next: int | None = None  # where the next frame should start, at `rate`
+        self.rate = 0  # the stream's sample rate, 0 before its first frame
         self.filled = 0  # samples of silence handed out so far (at the stream's rate)
 
     def gap(self, frame: av.AudioFrame) -> int:
@@ -51,8 +51,8 @@ class FrameClock:
             return 0
         rate = frame.sample_rate
         start = round(frame.pts * frame.time_base * rate)
-        expected = self._next if rate == self._rate else None
-        self._next, self._rate = start + frame.samples, rate
+        expected = self._next if rate == self.rate else None
+        self._next, self.rate = start + frame.samples, rate
         if expected is None:
             return 0
         missing = start - expected

@@ -1,4 +1,4 @@
-"""The SDP offer of a WHIP request (RFC 9725 §4.2), checked before any peer connection exists.
+"""The SDP offer of a WHIP request (RFC 9725), checked before any peer connection exists.
 
 `Offer.parse()` reads the structure of an SDP offer (RFC 8866) far enough to decide
 whether this server can take it: one audio section that sends, in a codec we decode, with
@@ -6,7 +6,7 @@ the ICE credentials (RFC 8839 §5.4) and DTLS fingerprint (RFC 8122 §5) WebRTC 
 RTP/RTCP multiplexing (RFC 8858). It is pure: no I/O, no peer connection. A malformed
 offer raises `OfferError` with `malformed=True` (the HTTP layer answers 400); a
 well-formed offer this server does not support raises it with `malformed=False` (406,
-which RFC 9725 §4.2 asks for rather than rejecting single "m=" sections).
+which RFC 9725 asks for rather than rejecting single "m=" sections).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One WHIP leg: a receive-only aiortc peer connection whose audio goes to a sink.
 
 The offer is checked (`Offer.parse`) before a peer connection exists. The answer is
-made after ICE gathering has finished (RFC 9725 §4.3.2: no server-side trickle), on the
+made after ICE gathering has finished (RFC 9725: the server does not trickle), on the
 configured addresses only and without STUN servers. Video and any other section the
 client offers are answered inactive, so nothing but the one audio track is received.
 
@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Hashable, Protocol
+from typing import Any, Hashable, Protocol
 
 import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from mediaserver.errors import CodecError
+from mediaserver.errors import CodecError, ServiceError
 from mediaserver.media import SUPPORTED_RATES
 from mediaserver.webrtc import ice
 from mediaserver.webrtc.audio import FrameClock, mono_s16
@@ -39,13 +40,16 @@ class AudioSink(Protocol):
     """Where a leg's audio goes; called on the event loop."""
 
     def audio(self, samples: np.ndarray, rate: int) -> None:
-        """Mono int16 audio that follows the previous (gaps already filled)."""
+        """One received frame: mono int16 that follows what came before."""
+
+    def gap(self, count: int, rate: int, packets: int) -> None:
+        """`count` samples lost (about `packets` packets) before the next frame: silence."""
 
     def dropped(self, reason: str, count: int) -> None:
         """Input that could not be used, counted by reason."""
 
-    async def ended(self) -> None:
-        """The leg is over; awaited once, by `close()`."""
+    async def ended(self, stats: dict[str, Any]) -> None:
+        """The leg is over (`stats`: what the peer received); awaited once, by `close()`."""
 
 
 class IngestPeer:
@@ -56,6 +60,8 @@ class IngestPeer:
         self.id = resource_id
         self.owner = owner  # opaque to this layer: who may end the leg
         self.frames = 0
+        self.lost = 0  # packets, estimated from the samples missing
+        self.dropped = 0  # frames received but unusable
         self.clock = FrameClock()
         self._sink = sink
         self._addresses = addresses
@@ -86,9 +92,16 @@ class IngestPeer:
         for other in self._pc.getTransceivers():
             if other is not transceiver:
                 other.direction = "inactive"
-        answer = await self._pc.createAnswer()
-        with ice.gather_on(self._addresses):
-            await self._pc.setLocalDescription(answer)
+        try:
+            answer = await self._pc.createAnswer()
+            with ice.gather_on(self._addresses):
+                await self._pc.setLocalDescription(answer)
+        except InvalidStateError:
+            if self._closed is None:
+                raise
+        # Closed meanwhile (the server is shutting down): no task may outlive close().
+        if self._closed is not None:
+            raise _ended_while_answering()
         self._task = asyncio.create_task(self._receive(transceiver.receiver.track), name=f"whip-receive-{self.id}")
         return self._pc.localDescription.sdp
 
@@ -96,6 +109,8 @@ class IngestPeer:
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:
+            if self._closed is not None:
+                raise _ended_while_answering() from exc
             # aiortc's SDP parser signals bad input with whatever its conversions raise
             # (ValueError, KeyError, AssertionError, ...); Offer.parse has already
             # refused what it knows, so anything left is still the client's offer.
@@ -122,15 +137,27 @@ class IngestPeer:
         try:
             samples = mono_s16(frame)
         except CodecError:
-            self._sink.dropped("webrtc_frame_format", 1)
+            self._drop("webrtc_frame_format")
             return
         if frame.sample_rate not in SUPPORTED_RATES:
-            self._sink.dropped("webrtc_sample_rate", 1)
+            self._drop("webrtc_sample_rate")
             return
         if gap:
-            self._sink.audio(np.zeros(gap, dtype=np.int16), frame.sample_rate)
+            packets = max(round(gap / len(samples)), 1) if len(samples) else 1
+            self.lost += packets
+            self._sink.gap(gap, frame.sample_rate, packets)
         self._sink.audio(samples, frame.sample_rate)
         self.frames += 1
+
+    def stats(self) -> dict[str, Any]:
+        """What this leg received, as kept with the leg when it ends."""
+        rate = self.clock.rate or 1
+        return {"frames": self.frames, "lost": self.lost, "inserted_silence_ms": round(self.clock.filled * 1000 / rate, 1),
+                "dropped": self.dropped, "connection": self._pc.connectionState}
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        self._sink.dropped(reason, 1)
 
     def _connection_state_changed(self) -> None:
         if self._pc.connectionState in ("failed", "closed"):
@@ -142,12 +169,13 @@ class IngestPeer:
             await self._closed.wait()
             return
         self._closed = asyncio.Event()
+        state = self._pc.connectionState
         try:
             await self._pc.close()
         finally:
             try:
                 await self._stop_receiving()
-                await self._sink.ended()
+                await self._sink.ended({**self.stats(), "connection": state})
             finally:
                 self._closed.set()
 
@@ -157,6 +185,10 @@ class IngestPeer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
+
+
+def _ended_while_answering() -> ServiceError:
+    return ServiceError(503, "whip.unavailable", "the leg was ended while its offer was being answered")
 
 
 def _accepted_capabilities():

@@ -36,6 +36,11 @@ class WhipService:
         """Nothing runs until the first offer; present for the composition root."""
 
     @property
+    def closing(self) -> bool:
+        """True once `close()` has begun: no new legs."""
+        return self._closing
+
+    @property
     def open_count(self) -> int:
         """Peer connections created and not yet fully closed."""
         return len(self._unclosed)
