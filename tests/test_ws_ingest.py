@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import contextlib
 import json
 
 import aiohttp
@@ -199,3 +200,31 @@ async def test_twilio_bad_input_is_refused_with_a_code(server):
             await ws.send_bytes(b"\x00")
             await ws.receive()
             assert ws.close_code == 1003
+
+
+async def test_a_fast_sender_is_held_back_from_its_very_first_frame(server):
+    session = await server.create_session()
+    data = tone(300, 30.0, dbfs=-20).astype("<i2").tobytes()
+    live = server.engine.sessions[session["uuid"]]
+    backlog = []
+
+    async def watch():
+        while True:
+            for leg_id in list(live.legs):
+                backlog.append(server.engine.backlog_seconds(live, leg_id))
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with aiohttp.ClientSession() as http, http.ws_connect(session["ingest"]["wavstream"]["caller"]) as ws:
+            await ws.send_json({"event": "start", "encoding": "L16", "sample_rate": 8000, "channels": 1})
+            for start in range(0, len(data), 16000):  # one second per frame, no pause at all
+                await ws.send_bytes(data[start:start + 16000])
+            await ws.send_json({"event": "stop"})
+            await ws.receive()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    # The server never held more than the backlog limit (2 s) plus the frame in hand.
+    assert 1.0 <= max(backlog) <= 3.0

@@ -199,7 +199,7 @@ class Engine:
 
     def backlog_seconds(self, live: LiveSession, leg_id: str) -> float:
         leg = live.session.inputs.get(leg_id)
-        return leg.backlog / leg.rate if leg is not None and leg.rate else 0.0
+        return leg.backlog / leg.posted_rate if leg is not None and leg.posted_rate else 0.0
 
     async def end_session(self, uuid: str) -> None:
         """Hang up: legs end, the recording finishes with `hangup` and is stored."""

@@ -52,6 +52,7 @@ class LegInput:
     resampler: Resampler | None = None
     detector: DtmfDetector | None = None
     posted: int = 0  # samples (at `rate`) posted by ingest; written by the ingest side only
+    posted_rate: int = 0  # the rate ingest posts at, known before the processor has seen any
     applied: int = 0  # samples of those the processor has placed on the timeline
     ahead: int = 0  # samples (at `rate`) placed but not yet read out by the mixer
     resyncs: int = 0
@@ -102,7 +103,9 @@ class Session:
 
     def post_pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None, at_mono: float = 0.0) -> None:
         """Ingest side: mono int16 audio for a leg (`pts` None: right after the previous)."""
-        self.inputs[leg_id].posted += len(samples)
+        leg = self.inputs[leg_id]
+        leg.posted += len(samples)
+        leg.posted_rate = rate
         self.post(("pcm", leg_id, samples, rate, pts, at_mono))
 
     def post_encoded(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> None:

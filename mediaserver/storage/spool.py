@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 
 
 class Spool:
@@ -51,8 +51,11 @@ class Spool:
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256, read through one small reused buffer (no allocation per chunk)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
     return digest.hexdigest()
