@@ -79,6 +79,7 @@ class Config:
     webhook_max_age_h: float = 24.0
     session_idle_s: float = 3600.0  # a session with no live leg and no recording ends after this
     tick_ms: int = 20
+    process_ms: int = 100  # each session is mixed and encoded this often (staggered over ticks)
     jitter_ms: int = 80
     max_body_bytes: int = 1 * MiB
     ingest_token_ttl_s: int = 3600
@@ -237,7 +238,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"setting {name} must be an http(s) URL, not {url!r}")
     _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h",
                        "sip_answer_delay_ms", "s3_retry_for_s"), allow_zero=True)
-    _positive(config, ("tick_ms", "jitter_ms", "wav_buffer_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s", "session_idle_s"))
+    _positive(config, ("tick_ms", "process_ms", "jitter_ms", "wav_buffer_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s", "session_idle_s"))
     if not 0 <= config.mp3_quality <= 9:
         raise ConfigError("setting mp3_quality must be 0 (best) .. 9 (fastest)")
     if not 0 <= config.opus_complexity <= 10:

@@ -14,6 +14,7 @@ import concurrent.futures
 import datetime as dt
 import logging
 import math
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class LiveSession:
     last_command_at: float | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ending: bool = False
+    next_process: float = 0.0  # monotonic time of its next turn on the processing thread
     idle_since: float | None = None  # monotonic time since when it has had no live leg or recording
     on_end: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -139,6 +141,8 @@ class Engine:
         now = self.clock.time()
         session = Session(uuid, app_id, self.clock.monotonic(), self.defaults.sample_rate, jitter_s=self.config.jitter_ms / 1000)
         live = self.sessions[uuid] = LiveSession(uuid, app_id, source, now, session)
+        # Sessions take turns: each is processed every process_ms, spread over the ticks.
+        live.next_process = self.clock.monotonic() + random.uniform(0, self.config.process_ms / 1000)
         self.catalog.create_session(uuid, app_id, source, now, meta)
         self.outbox.emit(app_id, "session.started", {"session_uuid": uuid, "source": source})
         return live
@@ -262,9 +266,17 @@ class Engine:
             await asyncio.sleep(max(delay, 0))
 
     def _process_all(self, now: float) -> list[tuple[LiveSession, list]]:
-        """Processing thread: every session's process(), errors contained per session."""
+        """Processing thread: the process() of every session whose turn it is.
+
+        Each session's turn comes every `process_ms`: its cost is mostly per turn, not per
+        sample, so fewer, longer turns hold more calls. Errors are contained per session.
+        """
         results = []
+        period = self.config.process_ms / 1000
         for live in list(self.sessions.values()):
+            if now < live.next_process and not live.ending:
+                continue
+            live.next_process = max(live.next_process + period, now)
             try:
                 events = live.session.process(now)
             except Exception as exc:  # a bug in one call must not stop the others

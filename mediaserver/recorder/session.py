@@ -69,6 +69,30 @@ class LegInput:
         return self.posted - self.applied + self.ahead
 
 
+@dataclass(slots=True)
+class _Run:
+    """Consecutive audio of one leg waiting to be placed in one go."""
+
+    rate: int
+    pts: int | None  # None: counted audio (placed after the leg's previous audio)
+    at: float
+    parts: list[np.ndarray]
+    length: int
+
+    def extends(self, samples: np.ndarray, rate: int, pts: int | None) -> bool:
+        """Append `samples` if they follow this run directly; False when they do not."""
+        if rate != self.rate or (pts is None) != (self.pts is None):
+            return False
+        if pts is not None and pts != self.pts + self.length:
+            return False
+        self.parts.append(samples)
+        self.length += len(samples)
+        return True
+
+    def samples(self) -> np.ndarray:
+        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+
+
 class Session:
     """One call's audio path, driven by `process()` on the processing thread."""
 
@@ -133,8 +157,7 @@ class Session:
 
         `flush` mixes everything received (used when the session ends or offline).
         """
-        while self.inbox:
-            self._apply(self.inbox.popleft(), now)
+        self._drain(now)
         if self.ended or flush:
             target = self.mixer.written_until()
         else:
@@ -147,13 +170,45 @@ class Session:
         events, self._events = self._events, []
         return events
 
+    def _drain(self, now: float) -> None:
+        """Apply the inbox in order, joining each leg's consecutive audio into one run.
+
+        Audio arrives a packet at a time; placing it costs the same whatever its length,
+        so each leg's frames that follow one another are joined and placed once. Any other
+        message first places all pending audio, which keeps everything in arrival order.
+        """
+        runs: dict[str, _Run] = {}
+        inbox = self.inbox
+        while inbox:
+            message = inbox.popleft()
+            kind = message[0]
+            if kind == "encoded":
+                samples = self._decode(*message[1:])
+                if samples is not None:
+                    self._collect(runs, message[1], samples, message[4].sample_rate, message[3], 0.0)
+            elif kind == "pcm":
+                self._collect(runs, *message[1:])
+            else:
+                self._flush(runs)
+                self._apply(message, now)
+        self._flush(runs)
+
+    def _collect(self, runs: dict[str, "_Run"], leg_id: str, samples: np.ndarray, rate: int, pts: int | None, at_mono: float) -> None:
+        run = runs.get(leg_id)
+        if run is not None and not run.extends(samples, rate, pts):
+            self._pcm(leg_id, run.samples(), run.rate, run.pts, run.at)
+            run = None
+        if run is None:
+            runs[leg_id] = _Run(rate, pts, at_mono, [samples], len(samples))
+
+    def _flush(self, runs: dict[str, "_Run"]) -> None:
+        for leg_id, run in runs.items():
+            self._pcm(leg_id, run.samples(), run.rate, run.pts, run.at)
+        runs.clear()
+
     def _apply(self, message: tuple, now: float) -> None:
         kind = message[0]
-        if kind == "pcm":
-            self._pcm(*message[1:])
-        elif kind == "encoded":
-            self._encoded(*message[1:])
-        elif kind == "dtmf":
+        if kind == "dtmf":
             self._rfc4733(message[1], message[2])
         elif kind == "dtmf_now":
             self._dtmf_now(*message[1:])
@@ -209,17 +264,17 @@ class Session:
             samples = leg.resampler.process(samples)
         self.mixer.legs[leg_id].push(samples, rescale(pts, rate, self.rate), self.mixer.cursor)
 
-    def _encoded(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
+    def _decode(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> np.ndarray | None:
         leg = self.inputs.get(leg_id)
         if leg is None:
-            return
+            return None
         try:
             samples = decoder.conceal() if payload is None else decoder.decode(payload)
         except CodecError:
             leg.decode_errors += 1
-            return
+            return None
         leg.posted += len(samples)
-        self._pcm(leg_id, samples, decoder.sample_rate, pts)
+        return samples
 
     def _counted_pts(self, leg: LegInput, rate: int, at_mono: float) -> int:
         """Where counted audio goes: after the leg's previous audio; its first audio where it
