@@ -18,22 +18,29 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from mediaserver.errors import ProtocolError
 from mediaserver.rtp.packet import RTCP_MUX_TYPES, RtcpPacket
+
+log = logging.getLogger(__name__)
 
 RELATCH_S = 2.0
 
 
 @dataclass(slots=True)
 class EndpointStats:
+    """What one leg's sockets saw besides RTP (which the receiver counts)."""
+
     rtcp_packets: int = 0  # RTCP packets (not datagrams) parsed
     rtcp_malformed: int = 0
     foreign: int = 0  # datagrams from another source than the latched peer
     relatched: int = 0
+    errors: int = 0  # packets whose handling raised (a bug): dropped
 
 
 class _RtcpProtocol(asyncio.DatagramProtocol):
@@ -49,16 +56,37 @@ class _RtcpProtocol(asyncio.DatagramProtocol):
         pass  # an ICMP error for a datagram we never sent; nothing to do
 
 
-class RtpEndpoint(asyncio.DatagramProtocol):
-    """One leg's UDP sockets; datagrams go to `receive(data, now)` (an RtpReceiver's)."""
+class RtpSink(Protocol):
+    """What an endpoint feeds: an `RtpReceiver`."""
 
-    def __init__(self, receive: Callable[[bytes, float], None], now: Callable[[], float]) -> None:
+    def receive(self, data: bytes, now: float) -> float | None:
+        """One RTP datagram; returns when `expire` is due (packets held), or None."""
+
+    def expire(self, now: float) -> float | None:
+        """Time has passed; returns the next time it is due, or None."""
+
+
+class _NoSink:
+    def receive(self, data: bytes, now: float) -> None:
+        return None
+
+    def expire(self, now: float) -> None:
+        return None
+
+
+class RtpEndpoint(asyncio.DatagramProtocol):
+    """One leg's UDP sockets; RTP datagrams go to `sink` (an RtpReceiver), which may be
+    set after the ports are bound."""
+
+    def __init__(self, now: Callable[[], float], sink: RtpSink | None = None) -> None:
         self.port = 0
         self.rtcp_port = 0
         self.stats = EndpointStats()
         self.peer: tuple | None = None
-        self._receive = receive
+        self._latched: tuple | None = None  # the last peer latched, kept across relatch()
+        self.sink: RtpSink = sink or _NoSink()
         self._now = now
+        self._timer: asyncio.TimerHandle | None = None
         self._last_heard = 0.0
         self._transport: asyncio.DatagramTransport | None = None
         self._rtcp_transport: asyncio.DatagramTransport | None = None
@@ -76,7 +104,29 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         if len(data) > 1 and data[1] in RTCP_MUX_TYPES:
             self.rtcp_received(data)
             return
-        self._receive(data, now)
+        try:
+            due = self.sink.receive(data, now)
+        except Exception:  # a bug must cost one packet, not the leg
+            self._failed()
+            return
+        if due is not None and self._timer is None and self._transport is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(due - now, 0.0), self._expire)
+
+    def _failed(self) -> None:
+        self.stats.errors += 1
+        if self.stats.errors == 1:
+            log.exception("handling an RTP packet on port %d failed (later failures are only counted)", self.port)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._now()
+        try:
+            due = self.sink.expire(now)
+        except Exception:
+            self._failed()
+            return
+        if due is not None and self._transport is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(due - now, 0.001), self._expire)
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP port unreachable and the like: receive-only, nothing to react to
@@ -94,13 +144,16 @@ class RtpEndpoint(asyncio.DatagramProtocol):
     def _latch(self, addr, now: float) -> bool:
         if self.peer is not None and now - self._last_heard < RELATCH_S:
             return False
-        if self.peer is not None:
+        if self._latched is not None and addr != self._latched:
             self.stats.relatched += 1
-        self.peer = addr
+        self.peer = self._latched = addr
         return True
 
     def close(self) -> None:
         """Close both sockets; idempotent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for transport in (self._transport, self._rtcp_transport):
             if transport is not None:
                 transport.close()

@@ -1,26 +1,29 @@
 """Where each RTP packet of a leg belongs on the session timeline.
 
-The buffering half of a jitter buffer lives in the mixer: it places audio by position,
-accepts it out of order until that position is mixed (the mix runs `jitter_ms` behind
-real time) and fills what never came with silence. What is left for RTP is this module:
-turn (SSRC, sequence number, timestamp, arrival time) into a timeline position that a
-reordered packet, a duplicate, a lost packet, a sender restart or a slow clock cannot
-shift, and drop what must not be played twice.
+The buffering half of a jitter buffer lives in the mixer, which places audio by position
+until that position is mixed (the mix runs `jitter_ms` behind real time) and fills what
+never came with silence, and in `RtpReceiver`, which hands payloads on in sequence order
+(a packet after a gap waits a little for the missing one) and lets the decoder conceal a
+lost one. This module is the other half: turn (SSRC, sequence number, timestamp, arrival
+time) into a timeline position that a reordered packet, a duplicate, a lost packet, a
+sender restart or a slow clock cannot shift, and drop what must not be played twice.
 
 The mapping
 -----------
 The first packet is placed at its arrival. Every later packet of the same stream is placed
 by its timestamp's distance from the newest packet so far (32-bit arithmetic, so the
-timestamp may wrap), which puts a reordered packet back into its gap and leaves a lost
-packet's span empty: the mixer fills it with silence, and nothing after it moves.
+timestamp may wrap), which puts a reordered packet back into its gap and keeps a lost
+packet's span for its concealment: nothing after it moves.
 
 `d = arrival - position` says how late a packet came compared with where the mapping puts
 it. Network delay only ever makes `d` positive and varying; a discontinuity at the sender
 shows up as a jump. The stream is re-anchored (placed afresh, by arrival) when:
 
 * the SSRC changes, or the sequence number jumps beyond RFC 3550 A.1's MAX_DROPOUT or
-  back beyond MAX_MISORDER (a restarted sender), or a marker-bit packet's timestamp does
-  not fit its sequence number (a restart that reuses nearby sequence numbers);
+  back beyond MAX_MISORDER and the next packet follows on (a restarted sender; a lone
+  stray packet is dropped), or a marker-bit packet that looks old has a timestamp that
+  does not fit its sequence number or comes far too late for one (a restart that reuses
+  nearby sequence numbers);
 * the timestamp does not advance with the sequence number (not `k` packets of `step`
   ticks for `k` packets on) and `|d|` exceeds `jump`: a timestamp jump. A legitimate
   gap, silence suppression or hold, advances the timestamp by the real pause and so
@@ -42,8 +45,8 @@ error of the mapping (the least delayed packet is the best estimate of when pack
 leave the sender). When it exceeds `realign` either way, positions from then on move by
 it: a slip of that many samples of silence or overlap, once, instead of a leg that drifts
 away from the others (a sender whose clock runs fast or slow, a first packet that was
-itself delayed). Legs therefore stay within `realign` plus network jitter of the shared
-clock.
+itself delayed). Legs therefore stay within `realign` of the shared clock, as the least
+delayed of their packets tell it.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ RTP_SEQ_MOD = 1 << 16  # RFC 3550 A.1
 MAX_DROPOUT = 3000  # RFC 3550 A.1: a forward sequence jump beyond this is a restart
 MAX_MISORDER = 100  # RFC 3550 A.1: a backward jump beyond this is a restart
 HISTORY = 128  # packets back from the newest in which a duplicate is recognised
-REALIGN_S = 0.015
-JUMP_S = 0.06
-WINDOW_S = 1.0
+REALIGN_S = 0.015  # how far a stream may be off the shared clock before it slips back
+JUMP_S = 0.06  # beyond network jitter: a difference this large is the sender's doing
+WINDOW_S = 2.0  # arrival time over which the least delayed packet is looked for
 MAX_PTIME_S = 0.15  # RFC 7587 allows 120 ms Opus packets; anything longer is a gap
 
 _TS_HALF = 1 << 31
@@ -76,16 +79,18 @@ class RtpTimeline:
     or a packet too old to place. Counters are cumulative over the leg's life.
     """
 
-    __slots__ = ("rate", "ssrc", "received", "duplicates", "stale", "lost", "reanchored", "realigned", "slipped",
+    __slots__ = ("rate", "ssrc", "streams", "received", "duplicates", "stale", "lost", "reanchored", "realigned", "slipped",
                  "ssrc_changes", "_realign", "_jump", "_window", "_max_step", "_seq", "_seen", "_ts", "_ts_seq",
-                 "_pos", "_step", "_fresh", "_win_start", "_win_min", "_late_since", "_late_min")
+                 "_pos", "_step", "_fresh", "_probe", "_win_start", "_win_min", "_late_since", "_late_min")
 
     def __init__(self, rate: int, *, realign_s: float = REALIGN_S, jump_s: float = JUMP_S, window_s: float = WINDOW_S) -> None:
         self.ssrc: int | None = None
+        self.streams = 0  # how many times a stream was anchored afresh (new SSRC, restart, new clock)
         self.received = self.duplicates = self.stale = self.lost = 0
         self.reanchored = self.realigned = self.slipped = self.ssrc_changes = 0
         self._seq = self._seen = self._ts = self._ts_seq = self._pos = 0
         self._fresh = True
+        self._probe = -1  # the sequence number that would confirm a jump as a restart
         self._late_since: int | None = None
         self._late_min = 0
         self._configure(rate, realign_s, jump_s, window_s)
@@ -110,6 +115,17 @@ class RtpTimeline:
         self._step = self._step * rate // old
         self._fresh = True
 
+    @property
+    def step(self) -> int:
+        """Clock ticks per packet, as the stream's steady timestamps say."""
+        return self._step
+
+    def shift(self, ticks: int) -> None:
+        """Move the mapping: positions from now on are `ticks` later (earlier if negative)."""
+        self._pos += ticks
+        if self._win_min != _UNSEEN:
+            self._win_min -= ticks
+
     def position_of(self, ssrc: int, timestamp: int) -> int | None:
         """Where `timestamp` of the current stream lies, without placing a packet."""
         if ssrc != self.ssrc or self._fresh:
@@ -124,12 +140,18 @@ class RtpTimeline:
         if delta == 0 or delta > RTP_SEQ_MOD - MAX_MISORDER:
             back = RTP_SEQ_MOD - delta if delta else 0
             ts_delta = _signed(timestamp - self._ts)
-            if marker and abs(ts_delta + back * self._step) > self._step:
+            if marker and (abs(ts_delta + back * self._step) > self._step or arrival - self._pos - ts_delta > self._jump):
                 return self._restart(ssrc, seq, timestamp, arrival)
             return self._older(back, ts_delta)
-        if delta > MAX_DROPOUT:
+        if delta <= MAX_DROPOUT:
+            return self._advance(delta, seq, timestamp, arrival)
+        # RFC 3550 A.1: a jump in sequence numbers is a restart only once the next packet
+        # follows it (or its marker bit says so); a lone stray is dropped.
+        if marker or seq == self._probe:
             return self._restart(ssrc, seq, timestamp, arrival)
-        return self._advance(delta, seq, timestamp, arrival)
+        self._probe = (seq + 1) & 0xFFFF
+        self.stale += 1
+        return None
 
     def account(self, ssrc: int, seq: int) -> bool:
         """A packet of the stream that carries no audio (an RFC 4733 event sharing the
@@ -157,6 +179,7 @@ class RtpTimeline:
             self.reanchored += 1
             pos = self._continuation(self._pos + self._step, arrival)
         self.ssrc, self._fresh = ssrc, False
+        self.streams += 1
         self._seq, self._seen = seq, 1
         self._set_base(seq, timestamp, pos)
         self.received += 1
