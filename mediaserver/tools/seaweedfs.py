@@ -118,7 +118,7 @@ class WeedMini:
     """
 
     def __init__(self, data_dir: Path, credentials: Credentials, ports: dict[str, int], *,
-                 host: str = "127.0.0.1", volume_max: int = 16, weed: str | None = None) -> None:
+                 host: str = "127.0.0.1", volume_max: int = 256, weed: str | None = None) -> None:
         self.data_dir = data_dir
         self.credentials = credentials
         self.ports = dict(ports)
