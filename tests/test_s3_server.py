@@ -239,13 +239,14 @@ async def test_an_hour_fed_fast_does_not_grow_the_servers_memory(tmp_path, s3_se
                     rss[minutes] = server.rss_kib()
                 elapsed = time.monotonic() - began
                 await ws.send_json({"event": "stop"})
+                await ws.receive(timeout=120)  # the server has read it all and closes
             await http.delete(f"/api/v1/sessions/{session['uuid']}")
             for _ in range(300):
                 meta = await (await http.get(f"/api/v1/recordings/{rid}")).json()
                 if meta["state"] == "completed":
                     break
                 await asyncio.sleep(0.1)
-        assert meta["state"] == "completed" and meta["duration"] >= 3600
+        assert meta["state"] == "completed" and meta["duration"] >= 3600, (meta["duration"], meta["legs"])
         growth = rss[60] - rss[15]
         print(f"[measure] 60 min of audio in {elapsed:.1f} s ({3600 / elapsed:.0f}x real time); "
               f"RSS after 15 min {rss[15]} KiB, after 60 min {rss[60]} KiB, growth {growth} KiB; by minute {rss}")

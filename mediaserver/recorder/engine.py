@@ -74,6 +74,7 @@ class LiveSession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ending: bool = False
     next_process: float = 0.0  # monotonic time of its next turn on the processing thread
+    hurry: bool = False  # an ingest is waiting for it: process it at the next tick
     idle_since: float | None = None  # monotonic time since when it has had no live leg or recording
     on_end: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -274,8 +275,9 @@ class Engine:
         results = []
         period = self.config.process_ms / 1000
         for live in list(self.sessions.values()):
-            if now < live.next_process and not live.ending:
+            if now < live.next_process and not live.ending and not live.hurry:
                 continue
+            live.hurry = False
             live.next_process = max(live.next_process + period, now)
             try:
                 events = live.session.process(now)

@@ -106,6 +106,7 @@ class Session:
         self.inputs: dict[str, LegInput] = {}
         self.recording: Recording | None = None
         self.ended = False
+        self._hangup_at = 0
         self.inbox: deque[tuple] = deque()
         self._events: list[Event] = []
 
@@ -159,7 +160,7 @@ class Session:
         """
         self._drain(now)
         if self.ended or flush:
-            target = self.mixer.written_until()
+            target = max(self.mixer.written_until(), self._hangup_at)
         else:
             target = self.mixer.ready_until()
             if self.live:
@@ -226,6 +227,8 @@ class Session:
             self._tap(message[1], message[2])
         elif kind == "hangup":
             self.ended = True
+            # A live call lasts until the moment it was hung up, silence included.
+            self._hangup_at = self.timeline(message[1]) if self.live else 0
             for leg_id, leg in self.mixer.legs.items():
                 leg.end(max(self.mixer.cursor, leg.write_pos))
 
