@@ -142,7 +142,7 @@ def _main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds after the program started to send the first packet")
     args = parser.parse_args()
     streams = []
-    for index, (dest, wav) in enumerate(zip(args.to, args.wav)):
+    for _index, (dest, wav) in enumerate(zip(args.to, args.wav)):
         samples, _ = soundfile.read(wav, dtype="int16")
         host, port = dest.rsplit(":", 1)
         # RFC 3550 §5.1: random SSRC, initial sequence number and timestamp.

@@ -6,7 +6,6 @@ import io
 import re
 
 import aiohttp
-import numpy as np
 import pytest
 
 from mediaserver.api.keys import STORAGE

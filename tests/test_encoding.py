@@ -8,7 +8,6 @@ patch applied) and read back by the real tools.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import wave

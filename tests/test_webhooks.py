@@ -1,7 +1,6 @@
 """Webhooks: signed, retried with backoff, durable across restarts, Record-verb action URLs."""
 
 import asyncio
-import json
 import random
 
 import pytest
@@ -84,7 +83,7 @@ async def test_undelivered_events_survive_a_restart_and_keep_their_id(tmp_path):
 
 async def test_retries_back_off_then_deliver(tmp_path):
     async with Receiver(SECRETS, fail_first=2) as rx, Server(tmp_path, webhook_url=rx.url) as server:
-        session = await server.create_session()
+        await server.create_session()
         started = (await rx.wait_for("session.started", timeout=15))[0]
         assert rx.attempts[started["event_id"]] == 3
         row = next(r for r in server.engine.catalog.outbox_items() if r["event_id"] == started["event_id"])

@@ -21,11 +21,24 @@ async def healthz(request: web.Request) -> web.Response:
     })
 
 
-def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+def _lateness(histogram) -> list[str]:
+    lines = [
+        "# HELP mediaserver_tick_lateness_seconds How late each processing tick started.",
+        "# TYPE mediaserver_tick_lateness_seconds histogram",
+    ]
+    cumulative = 0
+    for bound, count in zip(histogram.BOUNDS + (float("inf"),), histogram.buckets):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else f"{bound:g}"
+        lines.append(f'mediaserver_tick_lateness_seconds_bucket{{le="{le}"}} {cumulative}')
+    lines += [
+        f"mediaserver_tick_lateness_seconds_sum {histogram.sum:.6f}",
+        f"mediaserver_tick_lateness_seconds_count {histogram.count}",
+        "# HELP mediaserver_tick_lateness_max_seconds The latest tick ever started.",
+        "# TYPE mediaserver_tick_lateness_max_seconds gauge",
+        f"mediaserver_tick_lateness_max_seconds {histogram.max:.6f}",
+    ]
+    return lines
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -53,7 +66,6 @@ async def metrics(request: web.Request) -> web.Response:
     ]
     for reason, count in sorted(engine.dropped_totals().items()):
         lines.append(f'mediaserver_input_dropped_total{{reason="{reason}"}} {count}')
-    lateness = list(engine.lateness)
     lines += [
         "# HELP mediaserver_processing_errors_total Sessions whose processing raised.",
         "# TYPE mediaserver_processing_errors_total counter",
@@ -61,12 +73,8 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediaserver_webhook_backlog Webhook events not yet delivered.",
         "# TYPE mediaserver_webhook_backlog gauge",
         f"mediaserver_webhook_backlog {catalog.outbox_backlog()}",
-        "# HELP mediaserver_tick_lateness_seconds How late the processing tick started (recent ticks).",
-        "# TYPE mediaserver_tick_lateness_seconds summary",
     ]
-    for q in (0.5, 0.99):
-        lines.append(f'mediaserver_tick_lateness_seconds{{quantile="{q}"}} {_quantile(lateness, q):.6f}')
-    lines.append(f"mediaserver_tick_lateness_seconds_count {len(lateness)}")
+    lines += _lateness(engine.lateness)
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from mediaserver.api.common import iso, json_response, page, paging, parse_time
-from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, STORAGE
+from mediaserver.api.keys import CALLER, CATALOG, CLOCK, ENGINE, STORAGE
 from mediaserver.errors import ServiceError, StorageError
 from mediaserver.storage.local import LocalStorage
 

@@ -10,13 +10,12 @@ spool is handed to storage.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import datetime as dt
 import logging
-import math
 import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +27,9 @@ from mediaserver.catalog import Catalog
 from mediaserver.config import Config
 from mediaserver.encoding import make_encoder
 from mediaserver.encoding.repair import repair
-from mediaserver.errors import MediaServerError, ServiceError, StorageError
+from mediaserver.errors import ServiceError, StorageError
 from mediaserver.media import DtmfEvent
-from mediaserver.options import OptionError, RecordingOptions
+from mediaserver.options import RecordingOptions
 from mediaserver.recorder.recording import Recording
 from mediaserver.recorder.session import Session
 from mediaserver.storage import Spool, Storage, Upload, object_key
@@ -92,7 +91,7 @@ class Engine:
         self.sessions: dict[str, LiveSession] = {}
         self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0, "processing_errors": 0}
         self.dropped: dict[str, int] = {}  # input refused or dropped, by reason
-        self.lateness: deque[float] = deque(maxlen=3000)  # seconds each tick started late
+        self.lateness = LatenessHistogram()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self._tasks: set[asyncio.Task] = set()
         self._tick_task: asyncio.Task | None = None
@@ -252,7 +251,7 @@ class Engine:
         interval = self.config.tick_ms / 1000
         due = loop.time()
         while True:
-            self.lateness.append(max(loop.time() - due, 0.0))
+            self.lateness.observe(max(loop.time() - due, 0.0))
             results = await loop.run_in_executor(self._executor, self._process_all, self.clock.monotonic())
             for live, events in results:
                 await self._handle(live, events)
@@ -507,6 +506,24 @@ class Engine:
             error=row["error"] or ("the server stopped during the recording; the audio received until then was kept" if interrupted else None))
         upload = await self.storage.resume(row["storage_key"], spool, row["content_type"])
         await self.finish_upload(rid, row["app_id"], upload, duration)
+
+
+class LatenessHistogram:
+    """How late each processing tick started, as a cumulative histogram (Prometheus style)."""
+
+    BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+        self.max = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+        self.max = max(self.max, seconds)
 
 
 def _add_mixer_drops(totals: dict[str, int], stats) -> None:

@@ -118,7 +118,7 @@ def _summary(recording: Recording, inputs, output: Path, options: RecordingOptio
     rate = recording.rate
     duration = recording.duration_samples / rate
     legs = []
-    for index, (leg_id, tally) in enumerate(sorted(recording.legs.items())):
+    for leg_id, tally in sorted(recording.legs.items()):
         legs.append({
             "leg_id": leg_id,
             "role": tally.role,

@@ -229,7 +229,7 @@ class Session:
             self.ended = True
             # A live call lasts until the moment it was hung up, silence included.
             self._hangup_at = self.timeline(message[1]) if self.live else 0
-            for leg_id, leg in self.mixer.legs.items():
+            for leg in self.mixer.legs.values():
                 leg.end(max(self.mixer.cursor, leg.write_pos))
 
     def _tap(self, listener, attach: bool) -> None:
