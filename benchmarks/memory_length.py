@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +32,8 @@ import aiohttp
 import numpy as np
 
 from benchmarks import audio
-from benchmarks.common import WORK, free_port, free_udp_range, print_table, rnd, verdict
+from benchmarks.common import WORK, print_table, rnd, verdict
+from benchmarks.server import HEADERS, Server, proc_status as _status
 
 TITLE = "Memory against call length: peak RSS of a real server during one 1-minute and one 60-minute call"
 
@@ -53,78 +51,10 @@ REST_S = 2.0  # idle time before a call, over which its rest RSS is taken
 SETTLE_UPTIME_S = 65.0
 BUDGET_KIB = 256  # per active call
 FLAT_KIB = 64  # how much more a long call may take than a short one and still count as flat
-APP = {"id": "bench", "key": "bench-key"}
-HEADERS = {"X-App-ID": APP["id"], "X-API-Key": APP["key"]}
 RECORD = {"format": "mp3"}
 
 
 # -- the server and its memory ---------------------------------------------------------------
-
-
-def _status(pid: int) -> dict[str, Any]:
-    """VmRSS, VmHWM, RssAnon, RssFile (KiB) and CPU seconds (user + system) of a process."""
-    values: dict[str, Any] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
-                name, value = line.split(":", 1)
-                values[name] = int(value.split()[0])
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    values["cpu"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return values
-
-
-class Server:
-    """`python -m mediaserver serve` in its own data directory, on free ports."""
-
-    def __init__(self, work: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = work / f"data-{self.port}"
-        self.log = work / f"server-{self.port}.log"
-        rtp_min, rtp_max = free_udp_range()
-        self.env = {
-            **os.environ,
-            "MEDIASERVER_DATA_DIR": str(self.data_dir),
-            "MEDIASERVER_HTTP_PORT": str(self.port),
-            "MEDIASERVER_PUBLIC_URL": self.base_url,
-            "MEDIASERVER_SIP_PORT": str(free_port()),
-            "MEDIASERVER_RTP_PORT_MIN": str(rtp_min),
-            "MEDIASERVER_RTP_PORT_MAX": str(rtp_max),
-            "MEDIASERVER_APPS": json.dumps([APP]),
-            "MEDIASERVER_COMMAND_COOLDOWN_S": "0",
-            "MEDIASERVER_LOG_LEVEL": "warning",
-        }
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        import urllib.request
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mediaserver", "serve"], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the server did not start in time")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     mix.add_argument("--max-length", type=float, default=14400.0, help="seconds; 0 off")
     mix.add_argument("--finish-on-key", default="", help='DTMF digits that end it, e.g. "#"')
     mix.add_argument("--trim-silence", action="store_true", help="drop leading and trailing silence")
-    mix.add_argument("--mp3-quality", type=int, default=2, choices=range(10), metavar="0-9")
+    mix.add_argument("--mp3-quality", type=int, default=7, choices=range(10), metavar="0-9")
     mix.add_argument("--opus-complexity", type=int, default=10, choices=range(11), metavar="0-10")
     return parser
 

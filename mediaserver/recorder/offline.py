@@ -35,7 +35,7 @@ class InputError(MediaServerError):
 
 @dataclass(frozen=True, slots=True)
 class EncoderSettings:
-    mp3_quality: int = 2
+    mp3_quality: int = 7
     opus_complexity: int = 10
 
 

@@ -1,0 +1,229 @@
+"""End to end: N concurrent two-leg calls as real RTP over loopback into `mediaserver serve`.
+
+For each N of a ramp a fresh server is started; N sessions are created through the API,
+each with two RTP legs by SDP offer/answer (PCMU) and an MP3 recording (16 kbps, 8 kHz,
+mono). A sender in another process (`benchmarks.rtp_sender`) then streams 20 ms packets
+to all 2N legs in real time. Over a steady window the server's CPU, RSS and tick lateness
+are measured; afterwards the sessions are hung up, every recording must be stored, and its
+per-leg counters say how many packets arrived. The kernel's UDP receive errors count
+packets the server was too slow to read.
+
+The largest N with nothing dropped (every packet sent was received and mixed) and a p99
+tick lateness under 20 ms is the figure that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks import audio
+from benchmarks.common import WORK, print_table, rnd, verdict
+from benchmarks.server import HEADERS, Server
+
+TITLE = "End to end: N concurrent two-leg RTP calls recorded to MP3, ramped; drops, tick lateness, CPU and RSS per call"
+
+RAMP = (100, 250, 500, 750, 1000, 1250)
+QUICK_RAMP = (20, 200)
+RUN_S, QUICK_RUN_S = 20.0, 8.0
+WARMUP_S = 4.0  # after the sender starts, before the steady window
+RTP_PORTS = (30000, 39999)
+RECORD = {"format": "mp3", "bitrate": 16}
+TARGET_CALLS = 1000
+LATENESS_MS = 20.0
+CONCURRENCY = 32
+
+
+def offer(port: int = 9) -> str:
+    return ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendonly\r\n")
+
+
+def answer_port(sdp: str) -> int:
+    for line in sdp.splitlines():
+        if line.startswith("m=audio "):
+            return int(line.split()[1])
+    raise RuntimeError(f"no audio port in the answer: {sdp!r}")
+
+
+async def _api(http: aiohttp.ClientSession, method: str, path: str, **kwargs) -> Any:
+    for attempt in range(5):
+        async with http.request(method, path, headers=HEADERS, **kwargs) as response:
+            body = await response.json(content_type=None)
+            if response.status < 300:
+                return body
+            if response.status != 503:
+                raise RuntimeError(f"{method} {path}: {response.status} {body}")
+        await asyncio.sleep(0.2 * (attempt + 1))
+    raise RuntimeError(f"{method} {path}: still unavailable")
+
+
+async def _open_call(http: aiohttp.ClientSession, limit: asyncio.Semaphore) -> tuple[str, str, list[int]]:
+    async with limit:
+        uuid = (await _api(http, "POST", "/api/v1/sessions", json={}))["uuid"]
+        ports = []
+        for role in ("caller", "callee"):
+            leg = await _api(http, "POST", f"/api/v1/sessions/{uuid}/legs", json={"role": role, "sdp": offer()})
+            ports.append(answer_port(leg["sdp"]))
+        rid = (await _api(http, "POST", f"/api/v1/sessions/{uuid}/commands/record/start", json=RECORD))["recording_id"]
+        return uuid, rid, ports
+
+
+async def _open_calls(base_url: str, n: int) -> list[tuple[str, str, list[int]]]:
+    limit = asyncio.Semaphore(CONCURRENCY)
+    async with aiohttp.ClientSession(base_url, timeout=aiohttp.ClientTimeout(total=120)) as http:
+        return await asyncio.gather(*(_open_call(http, limit) for _ in range(n)))
+
+
+async def _hang_up_and_collect(base_url: str, calls: list[tuple[str, str, list[int]]], timeout: float) -> list[dict]:
+    limit = asyncio.Semaphore(CONCURRENCY)
+    async with aiohttp.ClientSession(base_url, timeout=aiohttp.ClientTimeout(total=120)) as http:
+        async def hang_up(uuid: str) -> None:
+            async with limit:
+                await _api(http, "DELETE", f"/api/v1/sessions/{uuid}")
+
+        await asyncio.gather(*(hang_up(uuid) for uuid, _, _ in calls))
+        deadline = time.monotonic() + timeout
+        wanted = {rid for _, rid, _ in calls}
+        while True:
+            rows = await _all_recordings(http)
+            done = [row for row in rows if row["recording_id"] in wanted and row["state"] in ("completed", "failed")]
+            if len(done) == len(wanted) or time.monotonic() > deadline:
+                return done
+            await asyncio.sleep(0.5)
+
+
+async def _all_recordings(http: aiohttp.ClientSession) -> list[dict]:
+    rows, offset = [], 0
+    while True:
+        page = await _api(http, "GET", f"/api/v1/recordings?limit=500&offset={offset}")
+        rows += page["data"]
+        if not page["pagination"]["has_more"]:
+            return rows
+        offset += 500
+
+
+def _udp_errors() -> dict[str, int]:
+    with open("/proc/net/snmp") as fh:
+        lines = [line.split() for line in fh if line.startswith("Udp:")]
+    return {name: int(value) for name, value in zip(lines[0][1:], lines[1][1:])}
+
+
+def _lateness(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """p50/p99 (upper bucket bounds, ms) of the ticks between two scrapes of /metrics."""
+    buckets = sorted(((float(key.split('le="')[1].rstrip('"}')) if "+Inf" not in key else float("inf")), after[key] - before.get(key, 0))
+                     for key in after if key.startswith("mediaserver_tick_lateness_seconds_bucket"))
+    total = buckets[-1][1] if buckets else 0
+    result: dict[str, float | None] = {"ticks": total}
+    for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
+        bound = next((le for le, count in buckets if count >= q * total), None) if total else None
+        result[name] = None if bound is None else bound * 1000
+    return result
+
+
+def _sender(plan: dict[str, Any], work: Path) -> subprocess.Popen:
+    path = work / "plan.json"
+    path.write_text(json.dumps(plan))
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.rtp_sender"], stdin=open(path), stdout=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def measure(n: int, seconds: float, work: Path, payload: Path, server_settings: dict[str, Any]) -> dict[str, Any]:
+    """One step of the ramp: N calls on a fresh server."""
+    server = Server(work, rtp_ports=RTP_PORTS, **server_settings)
+    server.start()
+    try:
+        time.sleep(1.0)
+        idle = server.status()
+        calls = asyncio.run(_open_calls(server.base_url, n))
+        time.sleep(0.5)
+        loaded = server.status()
+        targets = [port for _, _, ports in calls for port in ports]
+        udp0 = _udp_errors()
+        sender = _sender({"targets": targets, "seconds": seconds, "payload": str(payload)}, work)
+        time.sleep(WARMUP_S)
+        s1, m1, t1 = server.status(), server.metrics(), time.monotonic()
+        time.sleep(max(seconds - WARMUP_S - 1.0, 1.0))
+        s2, m2, t2 = server.status(), server.metrics(), time.monotonic()
+        sent = json.loads(sender.communicate(timeout=seconds + 60)[0])
+        time.sleep(0.5)
+        udp1 = _udp_errors()
+        rows = asyncio.run(_hang_up_and_collect(server.base_url, calls, timeout=120 + n / 10))
+        m3 = server.metrics()
+    finally:
+        server.stop()
+    return _row(n, seconds, idle, loaded, (s1, t1), (s2, t2), m1, m2, m3, sent, rows, udp0, udp1)
+
+
+def _row(n, seconds, idle, loaded, first, second, m1, m2, m3, sent, rows, udp0, udp1) -> dict[str, Any]:
+    (s1, t1), (s2, t2) = first, second
+    legs = [leg for row in rows for leg in row["legs"]]
+    received = sum(leg.get("packets", 0) for leg in legs)
+    late = m3.get('mediaserver_input_dropped_total{reason="late_samples"}', 0.0)
+    lateness = _lateness(m1, m2)
+    window = t2 - t1
+    cpu = (s2["cpu"] - s1["cpu"]) / window
+    return {
+        "calls": n, "stored": sum(row["state"] == "completed" for row in rows), "processes": s2["processes"],
+        "packets_sent": sent["packets_sent"], "packets_received": received,
+        "packets_dropped": sent["packets_sent"] - received, "late_samples_dropped": int(late),
+        "udp_rcvbuf_errors": udp1.get("RcvbufErrors", 0) - udp0.get("RcvbufErrors", 0),
+        "tick_p50_ms": lateness["p50_ms"], "tick_p99_ms": lateness["p99_ms"],
+        "tick_max_ms": rnd(m3.get("mediaserver_tick_lateness_max_seconds", 0.0) * 1000, 1),
+        "server_cpu_cores": rnd(cpu, 3), "cpu_per_call_pct": rnd(cpu / n * 100, 3),
+        "rss_kib": s2["VmRSS"], "rss_per_call_kib": rnd((s2["VmRSS"] - idle["VmRSS"]) / n, 1),
+        "rss_per_call_before_audio_kib": rnd((loaded["VmRSS"] - idle["VmRSS"]) / n, 1),
+        "sender_cpu_pct": rnd(sent["cpu_s"] / sent["wall_s"] * 100, 1), "sender_late_p99_ms": rnd(sent["late_p99_ms"], 2),
+        "window_s": rnd(window, 2), "audio_s": seconds,
+    }
+
+
+def ok(row: dict[str, Any]) -> bool:
+    return (row["packets_dropped"] == 0 and row["late_samples_dropped"] == 0 and row["stored"] == row["calls"]
+            and row["tick_p99_ms"] is not None and row["tick_p99_ms"] <= LATENESS_MS)
+
+
+def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    print_table(title, [
+        ("calls", "calls", ""), ("stored", "stored", ""), ("sent", "packets_sent", ""), ("received", "packets_received", ""),
+        ("dropped", "packets_dropped", ""), ("late smp", "late_samples_dropped", ""), ("rcvbuf err", "udp_rcvbuf_errors", ""),
+        ("p50 ms", "tick_p50_ms", "g"), ("p99 ms", "tick_p99_ms", "g"), ("max ms", "tick_max_ms", "g"),
+        ("cores", "server_cpu_cores", ".2f"), ("CPU %/call", "cpu_per_call_pct", ".3f"),
+        ("RSS/call KiB", "rss_per_call_kib", ".1f"), ("sender CPU %", "sender_cpu_pct", ".0f"),
+        ("sender p99 ms", "sender_late_p99_ms", ".1f")], rows)
+
+
+def server_settings() -> dict[str, Any]:
+    """What the server runs with here (beyond its defaults), recorded with the results."""
+    return {}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    ramp, seconds = (QUICK_RAMP, QUICK_RUN_S) if quick else (RAMP, RUN_S)
+    work = WORK / "rtp_load"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    payload, _ = audio.speech_legs(work, 60)
+    settings = server_settings()
+    rows = []
+    for n in ramp:
+        print(f"rtp_load: {n} calls for {seconds:.0f} s …", flush=True)
+        rows.append(measure(n, seconds, work, payload, settings))
+        print_rows("so far", rows[-1:])
+        if not ok(rows[-1]) and len(rows) >= 2 and not ok(rows[-2]):
+            break  # two failing steps in a row: the ramp is past what this machine holds
+    print_rows("RTP load (per step: a fresh server; CPU and lateness over the steady window)", rows)
+    best = max((row["calls"] for row in rows if ok(row)), default=0)
+    verdicts = [verdict("concurrent two-leg calls, no drop, p99 tick lateness < 20 ms", best, TARGET_CALLS, " calls")]
+    figures = {"steps": rows, "largest_ok_calls": best}
+    settings_out = {"ramp": list(ramp), "audio_s": seconds, "warmup_s": WARMUP_S, "record": RECORD, "codec": "PCMU 20 ms",
+                    "server_settings": settings, "lateness_limit_ms": LATENESS_MS}
+    return {"settings": settings_out, "figures": figures, "verdicts": verdicts}
