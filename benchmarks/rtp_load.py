@@ -31,7 +31,7 @@ from benchmarks.server import HEADERS, Server
 
 TITLE = "End to end: N concurrent two-leg RTP calls recorded to MP3, ramped; drops, tick lateness, CPU and RSS per call"
 
-RAMP = (100, 250, 500, 750, 1000, 1250)
+RAMP = (250, 400, 550, 700)
 QUICK_RAMP = (20, 200)
 RUN_S, QUICK_RUN_S = 20.0, 8.0
 WARMUP_S = 4.0  # after the sender starts, before the steady window

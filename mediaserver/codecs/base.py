@@ -79,11 +79,14 @@ class Framer:
 class SampleDecoder:
     """Decoder for a codec without memory: each payload is decoded on its own.
 
-    A lost packet is replaced by silence as long as the last packet received.
+    A lost packet is replaced by silence as long as the last packet received. Payloads of
+    whole samples (`bytes_per_sample` each) may also be joined and decoded in one call,
+    which is how a receiver decodes many packets at a time.
     """
 
-    def __init__(self, decode: Callable[[bytes], np.ndarray], sample_rate: int) -> None:
+    def __init__(self, decode: Callable[[bytes], np.ndarray], sample_rate: int, bytes_per_sample: int = 1) -> None:
         self.sample_rate = sample_rate
+        self.bytes_per_sample = bytes_per_sample
         self._decode = decode
         self._last_length = sample_rate * FRAME_MS // 1000
 
@@ -91,6 +94,13 @@ class SampleDecoder:
         samples = self._decode(payload)
         if len(samples):
             self._last_length = len(samples)
+        return samples
+
+    def decode_joined(self, payloads: list[bytes]) -> np.ndarray:
+        """Several consecutive payloads (each of whole samples) decoded in one call."""
+        samples = self._decode(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+        if payloads[-1]:
+            self._last_length = len(payloads[-1]) // self.bytes_per_sample
         return samples
 
     def conceal(self) -> np.ndarray:

@@ -100,11 +100,12 @@ def _encoder_at(make: Callable[[], Encoder], input_rate: int) -> Encoder:
     return encoder if encoder.sample_rate == input_rate else ResamplingEncoder(encoder, input_rate)
 
 
-def _sample_codec(name: str, rate: int, payload_type: int | None, decode: Callable, encode: Callable) -> RtpCodec:
+def _sample_codec(name: str, rate: int, payload_type: int | None, decode: Callable, encode: Callable,
+                  bytes_per_sample: int = 1) -> RtpCodec:
     """An entry for a codec without memory, one sample per RTP clock tick."""
     return RtpCodec(
         name, rate, rate, 1, payload_type,
-        decoder=partial(_decoder_at, partial(SampleDecoder, decode, rate)),
+        decoder=partial(_decoder_at, partial(SampleDecoder, decode, rate, bytes_per_sample)),
         encoder=partial(_encoder_at, partial(SampleEncoder, encode, rate, rate)),
     )
 
@@ -115,7 +116,7 @@ def _l16(rate: int) -> RtpCodec:
     # supported; 8 and 16 kHz mono L16 always use a dynamic payload type.
     decode = partial(l16.decode_l16, byteorder="big")
     encode = partial(l16.encode_l16, byteorder="big")
-    return _sample_codec("L16", rate, None, decode, encode)
+    return _sample_codec("L16", rate, None, decode, encode, bytes_per_sample=2)
 
 
 def _telephone_event(rate: int) -> RtpCodec:

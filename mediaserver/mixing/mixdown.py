@@ -21,8 +21,11 @@ def _sum(tracks: Sequence[np.ndarray], n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int16)
     if len(tracks) == 1:
         return tracks[0]
-    total = np.sum(np.stack(tracks), axis=0, dtype=np.int32)
-    return np.clip(total, _LOW, _HIGH).astype(np.int16)
+    total = tracks[0].astype(np.int32)
+    for track in tracks[1:]:
+        total += track
+    np.clip(total, _LOW, _HIGH, out=total)
+    return total.astype(np.int16)
 
 
 def mixdown(tracks: Sequence[np.ndarray], roles: Sequence[str], channels: int, participant: str, n: int) -> np.ndarray:

@@ -71,25 +71,29 @@ class LegInput:
 
 @dataclass(slots=True)
 class _Run:
-    """Consecutive audio of one leg waiting to be placed in one go."""
+    """Consecutive audio of one leg waiting to be placed in one go: PCM arrays, or the raw
+    payloads of a decoder that decodes joined payloads (G.711, L16) in one call."""
 
     rate: int
     pts: int | None  # None: counted audio (placed after the leg's previous audio)
     at: float
-    parts: list[np.ndarray]
-    length: int
+    decoder: Any  # None for PCM parts
+    parts: list = field(default_factory=list)
+    length: int = 0  # samples
 
-    def extends(self, samples: np.ndarray, rate: int, pts: int | None) -> bool:
-        """Append `samples` if they follow this run directly; False when they do not."""
-        if rate != self.rate or (pts is None) != (self.pts is None):
+    def follows(self, rate: int, pts: int | None, decoder: Any) -> bool:
+        """Whether audio at `pts` continues this run directly."""
+        if rate != self.rate or decoder is not self.decoder or (pts is None) != (self.pts is None):
             return False
-        if pts is not None and pts != self.pts + self.length:
-            return False
-        self.parts.append(samples)
-        self.length += len(samples)
-        return True
+        return pts is None or pts == self.pts + self.length
+
+    def add(self, part, samples: int) -> None:
+        self.parts.append(part)
+        self.length += samples
 
     def samples(self) -> np.ndarray:
+        if self.decoder is not None:
+            return self.decoder.decode_joined(self.parts)
         return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
 
@@ -184,28 +188,54 @@ class Session:
             message = inbox.popleft()
             kind = message[0]
             if kind == "encoded":
-                samples = self._decode(*message[1:])
-                if samples is not None:
-                    self._collect(runs, message[1], samples, message[4].sample_rate, message[3], 0.0)
+                self._encoded(runs, *message[1:])
             elif kind == "pcm":
-                self._collect(runs, *message[1:])
+                leg_id, samples, rate, pts, at_mono = message[1:]
+                self._collect(runs, leg_id, samples, len(samples), rate, pts, at_mono, None)
             else:
                 self._flush(runs)
                 self._apply(message, now)
         self._flush(runs)
 
-    def _collect(self, runs: dict[str, "_Run"], leg_id: str, samples: np.ndarray, rate: int, pts: int | None, at_mono: float) -> None:
+    def _encoded(self, runs: dict[str, "_Run"], leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
+        leg = self.inputs.get(leg_id)
+        if leg is None:
+            return
+        step = getattr(decoder, "bytes_per_sample", 0)  # SampleDecoders decode joined payloads
+        if payload is not None and step and len(payload) % step == 0:
+            leg.posted += len(payload) // step
+            self._collect(runs, leg_id, payload, len(payload) // step, decoder.sample_rate, pts, 0.0, decoder)
+            return
+        try:
+            samples = decoder.conceal() if payload is None else decoder.decode(payload)
+        except CodecError:
+            leg.decode_errors += 1
+            return
+        leg.posted += len(samples)
+        self._collect(runs, leg_id, samples, len(samples), decoder.sample_rate, pts, 0.0, None)
+
+    def _collect(self, runs: dict[str, "_Run"], leg_id: str, part, n: int, rate: int, pts: int | None,
+                 at_mono: float, decoder) -> None:
         run = runs.get(leg_id)
-        if run is not None and not run.extends(samples, rate, pts):
-            self._pcm(leg_id, run.samples(), run.rate, run.pts, run.at)
+        if run is not None and not run.follows(rate, pts, decoder):
+            self._place(leg_id, run)
             run = None
         if run is None:
-            runs[leg_id] = _Run(rate, pts, at_mono, [samples], len(samples))
+            run = runs[leg_id] = _Run(rate, pts, at_mono, decoder)
+        run.add(part, n)
 
     def _flush(self, runs: dict[str, "_Run"]) -> None:
         for leg_id, run in runs.items():
-            self._pcm(leg_id, run.samples(), run.rate, run.pts, run.at)
+            self._place(leg_id, run)
         runs.clear()
+
+    def _place(self, leg_id: str, run: "_Run") -> None:
+        try:
+            samples = run.samples()
+        except CodecError:
+            self.inputs[leg_id].decode_errors += 1
+            return
+        self._pcm(leg_id, samples, run.rate, run.pts, run.at)
 
     def _apply(self, message: tuple, now: float) -> None:
         kind = message[0]
@@ -266,18 +296,6 @@ class Session:
         if leg.resampler is not None:
             samples = leg.resampler.process(samples)
         self.mixer.legs[leg_id].push(samples, rescale(pts, rate, self.rate), self.mixer.cursor)
-
-    def _decode(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> np.ndarray | None:
-        leg = self.inputs.get(leg_id)
-        if leg is None:
-            return None
-        try:
-            samples = decoder.conceal() if payload is None else decoder.decode(payload)
-        except CodecError:
-            leg.decode_errors += 1
-            return None
-        leg.posted += len(samples)
-        return samples
 
     def _counted_pts(self, leg: LegInput, rate: int, at_mono: float) -> int:
         """Where counted audio goes: after the leg's previous audio; its first audio where it
