@@ -66,7 +66,7 @@ async def _throttle(engine: Engine, live: LiveSession, leg_ids) -> None:
     for _ in range(int(60 / tick)):
         if live.ending or all(engine.backlog_seconds(live, leg) <= BACKLOG_LIMIT_S for leg in leg_ids):
             return
-        live.hurry = True  # a fast stream is mixed as fast as it comes, not at the call's turn
+        live.session.hurry = True  # a fast stream is mixed as fast as it comes, not at the call's turn
         await asyncio.sleep(tick)
 
 

@@ -69,7 +69,7 @@ async def metrics(request: web.Request) -> web.Response:
     lines += [
         "# HELP mediaserver_processing_errors_total Sessions whose processing raised.",
         "# TYPE mediaserver_processing_errors_total counter",
-        f"mediaserver_processing_errors_total {counters['processing_errors']}",
+        f"mediaserver_processing_errors_total {engine.processing_errors}",
         "# HELP mediaserver_webhook_backlog Webhook events not yet delivered.",
         "# TYPE mediaserver_webhook_backlog gauge",
         f"mediaserver_webhook_backlog {catalog.outbox_backlog()}",

@@ -28,11 +28,21 @@ __all__ = [
     "Mp3Encoder",
     "OpusEncoder",
     "WavEncoder",
+    "file_type",
     "make_encoder",
     "wav_header",
 ]
 
 FORMATS = ("wav", "mp3", "opus")
+_CLASSES = {"wav": WavEncoder, "mp3": Mp3Encoder, "opus": OpusEncoder}
+
+
+def file_type(format: str) -> tuple[str, str]:
+    """(extension, content type) of the files an encoder of `format` writes."""
+    if format not in _CLASSES:
+        raise CodecError(f"unsupported format: {format!r} (supported: {', '.join(FORMATS)})")
+    cls = _CLASSES[format]
+    return cls.extension, cls.content_type
 SAMPLE_RATES = {"wav": (8000, 16000), "mp3": (8000, 16000), "opus": (8000, 16000, 48000)}
 DEFAULT_BITRATES = {"mp3": 32, "opus": 24}
 OPUS_MIN_KBPS = 6  # the lowest rate libopus encodes

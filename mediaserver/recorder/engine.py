@@ -10,11 +10,8 @@ spool is handed to storage.
 from __future__ import annotations
 
 import asyncio
-import bisect
-import concurrent.futures
 import datetime as dt
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +22,15 @@ import numpy as np
 from mediaserver import ids
 from mediaserver.catalog import Catalog
 from mediaserver.config import Config
-from mediaserver.encoding import make_encoder
+from mediaserver.encoding import file_type
 from mediaserver.encoding.repair import repair
 from mediaserver.errors import ServiceError, StorageError
 from mediaserver.media import DtmfEvent
 from mediaserver.options import RecordingOptions
-from mediaserver.recorder.recording import Recording
+from mediaserver.recorder.processor import LatenessHistogram, Processor, Result
 from mediaserver.recorder.session import Session
-from mediaserver.storage import Spool, Storage, Upload, object_key
+from mediaserver.recorder.spec import RecordingSpec
+from mediaserver.storage import Storage, Upload, object_key
 from mediaserver.webhooks import Outbox
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,6 @@ class LiveRecording:
     session_uuid: str
     options: RecordingOptions
     key: str
-    spool: Spool
     upload: Upload
     content_type: str
     command_uid: str | None
@@ -72,8 +69,6 @@ class LiveSession:
     last_command_at: float | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ending: bool = False
-    next_process: float = 0.0  # monotonic time of its next turn on the processing thread
-    hurry: bool = False  # an ingest is waiting for it: process it at the next tick
     idle_since: float | None = None  # monotonic time since when it has had no live leg or recording
     on_end: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -89,20 +84,19 @@ class Engine:
         self.clock = clock
         self.defaults = config.recording_defaults()
         self.sessions: dict[str, LiveSession] = {}
-        self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0, "processing_errors": 0}
+        self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0}
         self.dropped: dict[str, int] = {}  # input refused or dropped, by reason
-        self.lateness = LatenessHistogram()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
+        self.processor = Processor(config, clock, self._on_results)
         self._tasks: set[asyncio.Task] = set()
-        self._tick_task: asyncio.Task | None = None
+        self._housekeeping_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
-        self._last_pump = 0.0
 
     # -- lifetime ----------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.recover()
-        self._tick_task = asyncio.create_task(self._tick_loop(), name="media-tick")
+        self.processor.start()
+        self._housekeeping_task = asyncio.create_task(self._housekeeping_loop(), name="housekeeping")
         self._sweep_task = asyncio.create_task(self._sweep_loop(), name="retention-sweep")
 
     async def close(self) -> None:
@@ -112,19 +106,19 @@ class Engine:
         deadline = time.monotonic() + 10
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(self.config.tick_ms / 1000)
-        for task in (self._tick_task, self._sweep_task):
+        for task in (self._housekeeping_task, self._sweep_task):
             if task is not None:
                 task.cancel()
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
-        self._tick_task = self._sweep_task = None
+        self._housekeeping_task = self._sweep_task = None
+        await self.processor.close()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
         for task in list(self._tasks):
             task.cancel()
-        self._executor.shutdown(wait=True)
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
@@ -141,8 +135,7 @@ class Engine:
         now = self.clock.time()
         session = Session(uuid, app_id, self.clock.monotonic(), self.defaults.sample_rate, jitter_s=self.config.jitter_ms / 1000)
         live = self.sessions[uuid] = LiveSession(uuid, app_id, source, now, session)
-        # Sessions take turns: each is processed every process_ms, spread over the ticks.
-        live.next_process = self.clock.monotonic() + random.uniform(0, self.config.process_ms / 1000)
+        self.processor.add(session)
         self.catalog.create_session(uuid, app_id, source, now, meta)
         self.outbox.emit(app_id, "session.started", {"session_uuid": uuid, "source": source})
         return live
@@ -181,9 +174,17 @@ class Engine:
     def dropped_totals(self) -> dict[str, int]:
         """Input dropped so far by reason, live sessions included (samples for audio)."""
         totals = dict(self.dropped)
-        for live in list(self.sessions.values()):
-            _add_mixer_drops(totals, live.session.mixer.totals)
+        for reason, count in self.processor.dropped_totals().items():
+            totals[reason] = totals.get(reason, 0) + count
         return totals
+
+    @property
+    def lateness(self) -> LatenessHistogram:
+        return self.processor.lateness
+
+    @property
+    def processing_errors(self) -> int:
+        return self.processor.errors
 
     def post_dtmf(self, live: LiveSession, leg_id: str, event: DtmfEvent) -> None:
         live.session.post(("dtmf", leg_id, event))
@@ -216,26 +217,24 @@ class Engine:
     # -- commands ----------------------------------------------------------------------
 
     def start_recording(self, live: LiveSession, options: RecordingOptions, command_uid: str | None) -> LiveRecording:
-        """Create the recording (catalog row, spool, upload) and hand it to the session."""
+        """Create the recording (catalog row, upload) and hand its spec to the session."""
         rid = ids.recording_id()
         now = self.clock.time()
-        encoder = make_encoder(options.format, options.sample_rate, options.channels, options.effective_bitrate,
-                               mp3_quality=self.config.mp3_quality, opus_complexity=self.config.opus_complexity,
-                               wav_buffer_ms=self.config.wav_buffer_ms)
+        extension, content_type = file_type(options.format)
         created = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-        key = object_key(self.config.s3_key_template, live.app_id, rid, encoder.extension, created)
-        spool_path = self.config.data_dir / "spool" / f"{rid}.{encoder.extension}"
-        spool = Spool(spool_path)
+        key = object_key(self.config.s3_key_template, live.app_id, rid, extension, created)
+        spool_path = self.config.data_dir / "spool" / f"{rid}.{extension}"
         self.catalog.create_recording(
             id=rid, session_uuid=live.uuid, app_id=live.app_id, state="initiated", format=options.format,
             sample_rate=options.sample_rate, channels=options.channels, bitrate=options.effective_bitrate,
-            options=options.to_dict(), content_type=encoder.content_type, storage_key=key,
+            options=options.to_dict(), content_type=content_type, storage_key=key,
             spool_path=str(spool_path), created_at=now, command_uid=command_uid)
-        upload = self.storage.begin(key, spool_path, encoder.content_type)
-        rec = LiveRecording(rid, live.app_id, live.uuid, options, key, spool, upload, encoder.content_type, command_uid)
-        recording = Recording(rid, options, 0, encoder, spool, silence_threshold_dbfs=self.config.silence_threshold_dbfs)
+        upload = self.storage.begin(key, spool_path, content_type)
+        rec = LiveRecording(rid, live.app_id, live.uuid, options, key, upload, content_type, command_uid)
+        spec = RecordingSpec(rid, options, str(spool_path), self.config.mp3_quality, self.config.opus_complexity,
+                             self.config.wav_buffer_ms, self.config.silence_threshold_dbfs)
         live.recording = live.recordings[rid] = rec
-        live.session.post(("start", recording, self.clock.monotonic()))
+        live.session.post(("start", spec, self.clock.monotonic()))
         return rec
 
     def command_recording(self, live: LiveSession, kind: str, behavior: str = "skip") -> LiveRecording:
@@ -244,75 +243,29 @@ class Engine:
         rec.state = {"pause": "paused", "resume": "recording", "stop": "stopping"}[kind]
         return rec
 
-    # -- the processing tick -----------------------------------------------------------
+    # -- what the sessions report -------------------------------------------------------
 
-    async def _tick_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self.config.tick_ms / 1000
-        due = loop.time()
-        while True:
-            self.lateness.observe(max(loop.time() - due, 0.0))
-            results = await loop.run_in_executor(self._executor, self._process_all, self.clock.monotonic())
-            for live, events in results:
-                await self._handle(live, events)
-            if loop.time() - self._last_pump >= PUMP_EVERY_S:
-                self._last_pump = loop.time()
-                self._pump_uploads()
-                await self._end_idle_sessions()
-            due += interval
-            delay = due - loop.time()
-            if delay < -interval:
-                due = loop.time()  # too far behind: do not try to catch up with a burst
-            await asyncio.sleep(max(delay, 0))
-
-    def _process_all(self, now: float) -> list[tuple[LiveSession, list]]:
-        """Processing thread: the process() of every session whose turn it is.
-
-        Each session's turn comes every `process_ms`: its cost is mostly per turn, not per
-        sample, so fewer, longer turns hold more calls. Errors are contained per session.
-        """
-        results = []
-        period = self.config.process_ms / 1000
-        for live in list(self.sessions.values()):
-            if now < live.next_process and not live.ending and not live.hurry:
+    async def _on_results(self, results: list[Result]) -> None:
+        for result in results:
+            live = self.sessions.get(result.uuid)
+            if live is None:
                 continue
-            live.hurry = False
-            live.next_process = max(live.next_process + period, now)
-            try:
-                events = live.session.process(now)
-            except Exception as exc:  # a bug in one call must not stop the others
-                log.exception("processing session %s failed", live.uuid)
-                self.counters["processing_errors"] += 1
-                events = self._contain(live, exc)
-            if events or live.session.ended:
-                results.append((live, events))
-        return results
+            self._handle(live, result.events)
+            if result.ended:
+                self._session_ended(live)
 
-    def _contain(self, live: LiveSession, exc: Exception) -> list:
-        """End a session whose processing raised; keep what its recording has spooled."""
-        session = live.session
-        session.inbox.clear()
-        session.ended = True
-        recording = session.recording
-        events: list = []
-        if recording is not None and not recording.done:
-            recording.finish("error")
-            try:
-                recording.close()
-            except Exception:
-                log.exception("closing recording %s after an error failed", recording.id)
-            events.append(("recording.stopped", {"recording_id": recording.id, "at": recording.position, "reason": "error", "finish_key": None}))
-            events.append(("recording.closed", {"recording_id": recording.id, "recording": recording, "error": str(exc)}))
-        return events
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PUMP_EVERY_S)
+            self._pump_uploads()
+            await self._end_idle_sessions()
 
-    async def _handle(self, live: LiveSession, events: list) -> None:
+    def _handle(self, live: LiveSession, events: list) -> None:
         for kind, data in events:
             try:
                 self._on_event(live, kind, data)
             except Exception:
                 log.exception("handling %s for session %s failed", kind, live.uuid)
-        if live.session.ended and not live.session.inbox and self.sessions.get(live.uuid) is live:
-            self._session_ended(live)
 
     def _on_event(self, live: LiveSession, kind: str, data: dict[str, Any]) -> None:
         rid = data.get("recording_id")
@@ -336,15 +289,16 @@ class Engine:
             del live.recordings[rid]
             if live.recording is rec:
                 live.recording = None
-            self._spawn(self._store(rec, data["recording"], data.get("counters", {}), data.get("error")), f"store-{rid}")
+            self._spawn(self._store(rec, data), f"store-{rid}")
 
     def _emit(self, rec: LiveRecording, kind: str, extra: dict[str, Any]) -> None:
         payload = {"recording_id": rec.id, "session_uuid": rec.session_uuid, "command_uid": rec.command_uid, **extra}
         self.outbox.emit(rec.app_id, kind, payload)
 
     def _session_ended(self, live: LiveSession) -> None:
+        if self.sessions.get(live.uuid) is not live:
+            return
         del self.sessions[live.uuid]
-        _add_mixer_drops(self.dropped, live.session.mixer.totals)
         now = self.clock.time()
         self.catalog.update_session(live.uuid, state="ended", ended_at=now)
         for leg_id in live.legs:
@@ -384,11 +338,10 @@ class Engine:
         finally:
             rec.pumping = False
 
-    async def _store(self, rec: LiveRecording, recording: Recording, counters: dict, error: str | None) -> None:
-        duration = recording.duration_samples / recording.rate
-        legs = legs_view(recording, counters)
-        self.catalog.update_recording(rec.id, state="processing", duration=duration, legs=legs, error=error)
-        await asyncio.to_thread(rec.spool.close)
+    async def _store(self, rec: LiveRecording, summary: dict[str, Any]) -> None:
+        """The recording is closed (its spool final): store it and say so."""
+        duration = summary["duration"]
+        self.catalog.update_recording(rec.id, state="processing", duration=duration, legs=summary["legs"], error=summary.get("error"))
         while rec.pumping:
             await asyncio.sleep(0.05)
         await self.finish_upload(rec.id, rec.app_id, rec.upload, duration)
@@ -506,52 +459,3 @@ class Engine:
             error=row["error"] or ("the server stopped during the recording; the audio received until then was kept" if interrupted else None))
         upload = await self.storage.resume(row["storage_key"], spool, row["content_type"])
         await self.finish_upload(rid, row["app_id"], upload, duration)
-
-
-class LatenessHistogram:
-    """How late each processing tick started, as a cumulative histogram (Prometheus style)."""
-
-    BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
-        self.count = 0
-        self.sum = 0.0
-        self.max = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.buckets[bisect.bisect_left(self.BOUNDS, seconds)] += 1
-        self.count += 1
-        self.sum += seconds
-        self.max = max(self.max, seconds)
-
-
-def _add_mixer_drops(totals: dict[str, int], stats) -> None:
-    for reason, count in (("late_samples", stats.late_samples), ("overlap_samples", stats.overlap_samples)):
-        if count:
-            totals[reason] = totals.get(reason, 0) + count
-
-
-def legs_view(recording: Recording, counters: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
-    """Per-leg statistics of a recording, in milliseconds on the recording's timeline,
-    with the ingest's own counters (packets, lost, …) of each leg."""
-    counters = counters or {}
-    rate = recording.rate
-    origin = recording.start_pos
-
-    def ms(value: int | None) -> float | None:
-        return None if value is None else round(max(value - origin, 0) * 1000 / rate, 1)
-
-    return [
-        {
-            "leg_id": leg_id,
-            "role": tally.role,
-            "frames": tally.frames,
-            "audio_ms": round(tally.samples * 1000 / rate, 1),
-            "inserted_silence_ms": round(tally.inserted_silence * 1000 / rate, 1),
-            "first_ms": ms(tally.first),
-            "last_ms": ms(tally.last),
-            **counters.get(leg_id, {}),
-        }
-        for leg_id, tally in recording.legs.items()
-    ]

@@ -86,7 +86,7 @@ class Recording:
         self.rate = options.sample_rate
         self.start_pos = start_pos
         self.encoder = encoder
-        self._sink = sink
+        self.sink = sink
         self.state = "initiated"
         self.position = start_pos  # next timeline position to judge
         self.recorded = 0  # samples that count towards max_length
@@ -151,10 +151,10 @@ class Recording:
         self.output.close()
         tail = self.encoder.close()
         if tail:
-            self._sink.write(tail)
+            self.sink.write(tail)
         patch = self.encoder.header_patch()
         if patch is not None:
-            self._sink.patch(*patch)
+            self.sink.patch(*patch)
         for tap in self.taps:
             tap(None)
         self.taps.clear()
@@ -235,6 +235,31 @@ class Recording:
     def _encode(self, pcm: np.ndarray) -> None:
         data = self.encoder.encode(pcm)
         if data:
-            self._sink.write(data)
+            self.sink.write(data)
         for tap in self.taps:
             tap(pcm)
+
+
+def legs_view(recording: Recording, counters: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
+    """Per-leg statistics of a recording, in milliseconds on the recording's timeline,
+    with the ingest's own counters (packets, lost, …) of each leg."""
+    counters = counters or {}
+    rate = recording.rate
+    origin = recording.start_pos
+
+    def ms(value: int | None) -> float | None:
+        return None if value is None else round(max(value - origin, 0) * 1000 / rate, 1)
+
+    return [
+        {
+            "leg_id": leg_id,
+            "role": tally.role,
+            "frames": tally.frames,
+            "audio_ms": round(tally.samples * 1000 / rate, 1),
+            "inserted_silence_ms": round(tally.inserted_silence * 1000 / rate, 1),
+            "first_ms": ms(tally.first),
+            "last_ms": ms(tally.last),
+            **counters.get(leg_id, {}),
+        }
+        for leg_id, tally in recording.legs.items()
+    ]

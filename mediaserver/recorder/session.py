@@ -18,7 +18,7 @@ Message kinds (tuples, first item the kind); `add_leg` and `post_pcm` make the f
 - ("dtmf_now", leg_id, digit, source)    a digit signalled without a time (WebSocket):
                                         placed where the leg's audio has got to
 - ("end", leg_id, at_mono)
-- ("start", Recording, at_mono) / ("command", kind, behavior, at_mono)
+- ("start", RecordingSpec or Recording, at_mono) / ("command", kind, behavior, at_mono)
 - ("tap", listener, attach)              a live listener of the active recording's audio
 - ("hangup", at_mono)
 """
@@ -36,7 +36,8 @@ from mediaserver.dsp.dtmf import DtmfDetector
 from mediaserver.errors import CodecError
 from mediaserver.media import DtmfEvent, rescale
 from mediaserver.mixing import Block, Mixer
-from mediaserver.recorder.recording import Recording
+from mediaserver.recorder.recording import Recording, legs_view
+from mediaserver.recorder.spec import RecordingSpec, open_recording
 
 Event = tuple[str, dict[str, Any]]
 
@@ -110,6 +111,9 @@ class Session:
         self.inputs: dict[str, LegInput] = {}
         self.recording: Recording | None = None
         self.ended = False
+        self.next_process = 0.0  # monotonic time of its next turn (the processor's schedule)
+        self.hurry = False  # an ingest waits for it: process it at the next tick
+        self.hangup_posted = False
         self._hangup_at = 0
         self.inbox: deque[tuple] = deque()
         self._events: list[Event] = []
@@ -120,6 +124,8 @@ class Session:
 
     def post(self, message: tuple) -> None:
         """Thread-safe: queue a message for the processing thread."""
+        if message[0] == "hangup":
+            self.hangup_posted = True  # processed at the next tick, not at its turn
         self.inbox.append(message)
 
     def add_leg(self, leg_id: str, role: str, at_mono: float) -> LegInput:
@@ -336,9 +342,16 @@ class Session:
             pts, rate = max(leg.joined_at, self.mixer.cursor), self.rate
         self._rfc4733(leg_id, DtmfEvent(digit, max(pts, rescale(self.mixer.cursor, self.rate, rate)), rate, leg_id, 0, source))
 
-    def _start(self, recording: Recording, at_mono: float) -> None:
+    def _start(self, recording: Recording | RecordingSpec, at_mono: float) -> None:
         if self.recording is not None and not self.recording.done:
             self._finish_recording("stop")
+        if isinstance(recording, RecordingSpec):
+            try:
+                recording = open_recording(recording)
+            except Exception as exc:  # a spool that cannot be created, say: the recording fails
+                self._events.append(("recording.closed", {"recording_id": recording.recording_id, "duration": 0.0,
+                                                          "legs": [], "error": f"could not start: {exc}"}))
+                return
         if recording.rate != self.rate:
             self._retune_mixer(recording.rate)
         recording.start_pos = recording.position = self._command_pos(at_mono)
@@ -414,9 +427,18 @@ class Session:
         recording.events.clear()
         self._close_recording()
 
-    def _close_recording(self) -> None:
+    def _close_recording(self, error: str | None = None) -> None:
+        """Flush the encoder into the spool and close it; report the recording's summary.
+
+        The spool is closed without waiting for the disk: storing it syncs it, off this thread.
+        """
         recording = self.recording
-        recording.close()
+        try:
+            recording.close()
+        finally:
+            if hasattr(recording.sink, "close"):
+                recording.sink.close(sync=False)
         counters = {leg.leg_id: {"packets": leg.packets, "lost": leg.lost, "malformed": leg.malformed, "decode_errors": leg.decode_errors}
                     for leg in list(self.inputs.values())}
-        self._events.append(("recording.closed", {"recording_id": recording.id, "recording": recording, "counters": counters}))
+        self._events.append(("recording.closed", {"recording_id": recording.id, "duration": recording.duration_samples / recording.rate,
+                                                  "legs": legs_view(recording, counters), "error": error}))

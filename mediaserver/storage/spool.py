@@ -63,9 +63,12 @@ class Spool:
         self.flush()
         os.fsync(self._file.fileno())
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Write what is gathered and close; `sync` also waits for the disk (fsync)."""
         if not self._file.closed:
-            self.sync()
+            self.flush()
+            if sync:
+                os.fsync(self._file.fileno())
             self._file.close()
 
     @property

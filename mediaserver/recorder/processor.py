@@ -1,0 +1,171 @@
+"""The processing thread: every session of this process, processed in turns, tick by tick.
+
+The event loop only posts into sessions; here one thread runs each session's `process()`
+(decode, mix, judge, encode, spool) when its turn comes, every `process_ms`, the turns of
+different sessions spread over the ticks. What the sessions report goes back to the loop
+through `on_results`. A session whose processing raises is ended on its own: its
+recording finishes with `error`, keeping what it had spooled, and the others carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from mediaserver.config import Config
+from mediaserver.recorder.recording import legs_view
+from mediaserver.recorder.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class LatenessHistogram:
+    """How late each processing tick started, as a cumulative histogram (Prometheus style)."""
+
+    BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+        self.max = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+        self.max = max(self.max, seconds)
+
+    def merge(self, other: "LatenessHistogram") -> None:
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets)]
+        self.count += other.count
+        self.sum += other.sum
+        self.max = max(self.max, other.max)
+
+
+@dataclass(slots=True)
+class Result:
+    """What one session's turn reported: its events, and whether it has ended for good."""
+
+    uuid: str
+    events: list[tuple[str, dict[str, Any]]]
+    ended: bool
+
+
+class Processor:
+    """The sessions of this process and the one thread that processes them."""
+
+    def __init__(self, config: Config, clock, on_results: Callable[[list[Result]], Awaitable[None]]) -> None:
+        self.config = config
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.lateness = LatenessHistogram()
+        self.errors = 0
+        self.dropped: dict[str, int] = {}  # drops of sessions already gone, by reason
+        self._on_results = on_results
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
+        self._task: asyncio.Task | None = None
+
+    def add(self, session: Session) -> None:
+        # Sessions take turns: each is processed every process_ms, spread over the ticks.
+        session.next_process = self.clock.monotonic() + random.uniform(0, self.config.process_ms / 1000)
+        self.sessions[session.uuid] = session
+
+    def remove(self, uuid: str) -> None:
+        session = self.sessions.pop(uuid, None)
+        if session is not None:
+            add_mixer_drops(self.dropped, session.mixer.totals)
+
+    def dropped_totals(self) -> dict[str, int]:
+        """Input dropped so far by reason, live sessions included (samples for audio)."""
+        totals = dict(self.dropped)
+        for session in list(self.sessions.values()):
+            add_mixer_drops(totals, session.mixer.totals)
+        return totals
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="media-tick")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.tick_ms / 1000
+        due = loop.time()
+        while True:
+            self.lateness.observe(max(loop.time() - due, 0.0))
+            results = await loop.run_in_executor(self._executor, self._turns, self.clock.monotonic())
+            if results:
+                await self._on_results(results)
+                for result in results:
+                    if result.ended:
+                        self.remove(result.uuid)
+            due += interval
+            delay = due - loop.time()
+            if delay < -interval:
+                due = loop.time()  # too far behind: do not try to catch up with a burst
+            await asyncio.sleep(max(delay, 0))
+
+    def _turns(self, now: float) -> list[Result]:
+        """Processing thread: the process() of every session whose turn it is.
+
+        Each session's turn comes every `process_ms`: its cost is mostly per turn, not per
+        sample, so fewer, longer turns hold more calls.
+        """
+        results = []
+        period = self.config.process_ms / 1000
+        for session in list(self.sessions.values()):
+            if now < session.next_process and not session.ended and not session.hurry and not session.hangup_posted:
+                continue
+            session.hurry = False
+            session.next_process = max(session.next_process + period, now)
+            try:
+                events = session.process(now)
+            except Exception as exc:  # a bug in one call must not stop the others
+                log.exception("processing session %s failed", session.uuid)
+                self.errors += 1
+                events = contain(session, exc)
+            ended = session.ended and not session.inbox
+            if events or ended:
+                results.append(Result(session.uuid, events, ended))
+        return results
+
+
+def contain(session: Session, exc: Exception) -> list:
+    """End a session whose processing raised; keep what its recording has spooled."""
+    session.inbox.clear()
+    session.ended = True
+    recording = session.recording
+    events: list = []
+    if recording is not None and not recording.done:
+        recording.finish("error")
+        events.append(("recording.stopped", {"recording_id": recording.id, "at": recording.position, "reason": "error", "finish_key": None}))
+        try:
+            recording.close()
+        except Exception:
+            log.exception("closing recording %s after an error failed", recording.id)
+        finally:
+            if hasattr(recording.sink, "close"):
+                recording.sink.close(sync=False)
+        events.append(("recording.closed", {"recording_id": recording.id, "duration": recording.duration_samples / recording.rate,
+                                            "legs": legs_view(recording), "error": f"processing failed: {exc}"}))
+    return events
+
+
+def add_mixer_drops(totals: dict[str, int], stats) -> None:
+    for reason, count in (("late_samples", stats.late_samples), ("overlap_samples", stats.overlap_samples)):
+        if count:
+            totals[reason] = totals.get(reason, 0) + count
