@@ -30,8 +30,6 @@ from mediaserver.api.keys import CONFIG, ENGINE, SERVICES
 from mediaserver.config import Config
 from mediaserver.errors import ProtocolError, ServiceError
 from mediaserver.recorder.engine import Engine, LiveSession
-from mediaserver.rtp.endpoint import PortPool, RtpEndpoint
-from mediaserver.rtp.receiver import RtpReceiver
 from mediaserver.sip.message import SipRequest, SipUri
 from mediaserver.sip.sdp import AcceptedStream, OfferNotAcceptable, Origin, SdpError, SessionDescription, accepted_streams, answer
 from mediaserver.sip.siprec import (
@@ -54,15 +52,23 @@ MAX_HEADERS, MAX_HEADER_VALUE = 20, 256  # X- headers kept in the session's meta
 
 @dataclass(eq=False)
 class RtpLeg:
-    """One RTP leg: its engine leg, its sockets and its receiver."""
+    """One RTP leg: its engine leg and its media path (sockets and receiver, in this
+    process or in the worker that runs the session)."""
 
     leg_id: str
     role: str
     live: LiveSession
-    endpoint: RtpEndpoint
-    receiver: RtpReceiver
+    media: Any  # RtpMedia, or its stand-in for a session in a worker process
     stream: AcceptedStream
     closed: bool = False
+
+    @property
+    def endpoint(self):
+        return self.media.endpoint
+
+    @property
+    def receiver(self):
+        return self.media.receiver
 
 
 class RtpService:
@@ -71,12 +77,12 @@ class RtpService:
     def __init__(self, engine: Engine, config: Config) -> None:
         self.engine = engine
         self.host = config.sip_host  # media and signalling face the same network
-        self.pool = PortPool(config.sip_host, config.rtp_port_min, config.rtp_port_max)
         # Packets behind a gap wait for the missing one while the mix, `jitter_ms` behind
         # real time, can still take it, with a processing tick to spare either side.
         self.hold_s = max(config.jitter_ms - 2 * config.tick_ms, config.tick_ms) / 1000
         self.legs: dict[str, RtpLeg] = {}
         self._sessions: dict[str, list[RtpLeg]] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         pass
@@ -85,6 +91,8 @@ class RtpService:
         """Close every leg's sockets; idempotent."""
         for leg in list(self.legs.values()):
             self.close_leg(leg)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def address_for(self, remote_host: str) -> str:
         """The address to put in SDP for a peer at `remote_host`."""
@@ -100,22 +108,18 @@ class RtpService:
             raise ServiceError(400, "sdp.not_acceptable", "the offer has no audio stream with a codec this server receives")
         accepted = [stream if stream is first else None for stream in accepted]
         leg = await self.open_leg(live, role, first)
-        ports = [leg.endpoint.port if stream is first else 0 for stream in accepted]
+        ports = [leg.media.port if stream is first else 0 for stream in accepted]
         return leg.leg_id, str(answer(offer, accepted, ports, self.address_for(first.remote[0])))
 
     async def open_leg(self, live: LiveSession, role: str, stream: AcceptedStream) -> RtpLeg:
         """Bind a port pair and start receiving `stream` as a new leg of `live`."""
-        endpoint = RtpEndpoint(self.engine.clock.monotonic)
-        try:
-            await self.pool.open(endpoint)
-        except OSError as exc:
-            raise ServiceError(503, "rtp.no_ports", f"no RTP port is free: {exc}") from None
         leg_id = self.engine.add_leg(live, role, kind="rtp")
-        session = live.session
-        receiver = RtpReceiver(stream.formats, session.t0, functools.partial(session.post_encoded, leg_id),
-                               functools.partial(self.engine.post_dtmf, live, leg_id), session.inputs[leg_id], leg_id, self.hold_s)
-        endpoint.sink = receiver
-        leg = self.legs[leg_id] = RtpLeg(leg_id, role, live, endpoint, receiver, stream)
+        try:
+            media = await self.engine.open_rtp(live, leg_id, stream.formats, self.hold_s)
+        except OSError as exc:
+            self.engine.end_leg(live, leg_id)
+            raise ServiceError(503, "rtp.no_ports", f"no RTP port is free: {exc}") from None
+        leg = self.legs[leg_id] = RtpLeg(leg_id, role, live, media, stream)
         if live.uuid not in self._sessions:
             self._sessions[live.uuid] = []
             live.on_end.append(functools.partial(self._session_ended, live.uuid))
@@ -124,9 +128,9 @@ class RtpService:
 
     def update_leg(self, leg: RtpLeg, stream: AcceptedStream) -> None:
         """A re-offer for the leg's stream: new formats, and a new peer when it moved."""
-        leg.receiver.set_formats(stream.formats)
+        leg.media.set_formats(stream.formats)
         if stream.remote != leg.stream.remote and not stream.on_hold:
-            leg.endpoint.relatch()
+            leg.media.relatch()
         leg.stream = stream
 
     def end_leg(self, leg: RtpLeg) -> None:
@@ -139,13 +143,21 @@ class RtpService:
         if leg.closed:
             return
         leg.closed = True
-        leg.endpoint.close()
         self.legs.pop(leg.leg_id, None)
-        stats = leg_stats(leg)
+        task = asyncio.get_running_loop().create_task(self._close(leg), name=f"rtp-close-{leg.leg_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close(self, leg: RtpLeg) -> None:
+        try:
+            stats = await leg.media.close()
+        except Exception:
+            log.exception("closing RTP leg %s failed", leg.leg_id)
+            return
         for reason in ("duplicates", "stale", "unknown_payload_type", "foreign_source", "rtcp_malformed"):
-            if stats[reason]:
+            if stats.get(reason):
                 self.engine.count_dropped(f"rtp_{reason}", stats[reason])
-        if stats["malformed"]:
+        if stats.get("malformed"):
             self.engine.count_dropped("rtp_malformed", stats["malformed"])
         try:
             self.engine.catalog.update_leg(leg.leg_id, stats=stats)
@@ -155,20 +167,6 @@ class RtpService:
     def _session_ended(self, uuid: str) -> None:
         for leg in self._sessions.pop(uuid, ()):
             self.close_leg(leg)
-
-
-def leg_stats(leg: RtpLeg) -> dict[str, Any]:
-    """A leg's RTP statistics, as kept with the leg in the catalog."""
-    counters, timeline, receiver, endpoint = leg.receiver.counters, leg.receiver.timeline, leg.receiver, leg.endpoint
-    return {
-        "packets": counters.packets, "lost": counters.lost, "malformed": counters.malformed,
-        "duplicates": timeline.duplicates, "stale": timeline.stale, "reanchored": timeline.reanchored,
-        "realigned": timeline.realigned, "slipped_ms": round(timeline.slipped * 1000 / timeline.rate, 1),
-        "ssrc_changes": timeline.ssrc_changes, "unknown_payload_type": receiver.stats.unknown_payload_type,
-        "dtmf_events": len(receiver.stats.key_presses), "rtcp_packets": endpoint.stats.rtcp_packets,
-        "rtcp_malformed": endpoint.stats.rtcp_malformed, "foreign_source": endpoint.stats.foreign,
-        "relatched": endpoint.stats.relatched, "errors": endpoint.stats.errors, "port": endpoint.port,
-    }
 
 
 def _leg_request(body: Any) -> tuple[str, SessionDescription]:
@@ -310,7 +308,7 @@ class SipService:
         return roles
 
     def _answer(self, call: Call, offer: SessionDescription, accepted: list[AcceptedStream | None]) -> bytes:
-        ports = [call.legs[i].endpoint.port if stream is not None else 0 for i, stream in enumerate(accepted)]
+        ports = [call.legs[i].media.port if stream is not None else 0 for i, stream in enumerate(accepted)]
         description = answer(offer, accepted, ports, self.rtp.address_for(call.dialog.flow.remote[0]), call.origin)
         call.origin, call.answer = description.origin, bytes(description)
         return call.answer

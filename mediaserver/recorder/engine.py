@@ -28,6 +28,8 @@ from mediaserver.errors import ServiceError, StorageError
 from mediaserver.media import DtmfEvent
 from mediaserver.options import RecordingOptions
 from mediaserver.recorder.processor import LatenessHistogram, Processor, Result
+from mediaserver.recorder.rtpmedia import RtpMedia
+from mediaserver.rtp.endpoint import PortPool
 from mediaserver.recorder.session import Session
 from mediaserver.recorder.spec import RecordingSpec
 from mediaserver.storage import Storage, Upload, object_key
@@ -87,6 +89,7 @@ class Engine:
         self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0}
         self.dropped: dict[str, int] = {}  # input refused or dropped, by reason
         self.processor = Processor(config, clock, self._on_results)
+        self.rtp_ports = PortPool(config.sip_host, config.rtp_port_min, config.rtp_port_max)
         self._tasks: set[asyncio.Task] = set()
         self._housekeeping_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
@@ -167,6 +170,10 @@ class Engine:
         self.counters["frames_in"] += 1
         self.counters["samples_in"] += len(samples)
         live.session.post_pcm(leg_id, samples, rate, pts, self.clock.monotonic())
+
+    async def open_rtp(self, live: LiveSession, leg_id: str, formats, hold_s: float):
+        """The media path of an RTP leg (its port pair bound); OSError when no port is free."""
+        return await RtpMedia.open(self.rtp_ports, self.clock, live.session, leg_id, formats, hold_s)
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
