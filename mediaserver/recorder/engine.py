@@ -28,6 +28,7 @@ from mediaserver.errors import ServiceError, StorageError
 from mediaserver.media import DtmfEvent
 from mediaserver.options import RecordingOptions
 from mediaserver.recorder.processor import LatenessHistogram, Processor, Result
+from mediaserver.recorder.remote import RemoteRtpMedia, RemoteSession, RemoteShard
 from mediaserver.recorder.rtpmedia import RtpMedia
 from mediaserver.rtp.endpoint import PortPool
 from mediaserver.recorder.session import Session
@@ -90,20 +91,28 @@ class Engine:
         self.dropped: dict[str, int] = {}  # input refused or dropped, by reason
         self.processor = Processor(config, clock, self._on_results)
         self.rtp_ports = PortPool(config.sip_host, config.rtp_port_min, config.rtp_port_max)
+        # With workers ≥ 2 every session runs in a worker process (one Python process keeps
+        # about one core busy); with 1, sessions run on this process's processing thread.
+        self.shards: list[RemoteShard] = []
         self._tasks: set[asyncio.Task] = set()
         self._housekeeping_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
+        self._closing = False
 
     # -- lifetime ----------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.recover()
         self.processor.start()
+        if self.config.workers > 1:
+            for index in range(self.config.workers):
+                await self._start_shard(index)
         self._housekeeping_task = asyncio.create_task(self._housekeeping_loop(), name="housekeeping")
         self._sweep_task = asyncio.create_task(self._sweep_loop(), name="retention-sweep")
 
     async def close(self) -> None:
         """End every session (their recordings are finished and stored), then stop."""
+        self._closing = True
         for uuid in list(self.sessions):
             await self.end_session(uuid)
         deadline = time.monotonic() + 10
@@ -117,6 +126,8 @@ class Engine:
                 except asyncio.CancelledError:
                     pass
         self._housekeeping_task = self._sweep_task = None
+        for shard in self.shards:
+            await shard.close()
         await self.processor.close()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
@@ -136,9 +147,8 @@ class Engine:
         if uuid in self.sessions or self.catalog.session(uuid) is not None:
             raise ServiceError(409, "sessions.exists", f"session {uuid} already exists")
         now = self.clock.time()
-        session = Session(uuid, app_id, self.clock.monotonic(), self.defaults.sample_rate, jitter_s=self.config.jitter_ms / 1000)
+        session = self._new_session(uuid, app_id)
         live = self.sessions[uuid] = LiveSession(uuid, app_id, source, now, session)
-        self.processor.add(session)
         self.catalog.create_session(uuid, app_id, source, now, meta)
         self.outbox.emit(app_id, "session.started", {"session_uuid": uuid, "source": source})
         return live
@@ -171,8 +181,19 @@ class Engine:
         self.counters["samples_in"] += len(samples)
         live.session.post_pcm(leg_id, samples, rate, pts, self.clock.monotonic())
 
+    def _new_session(self, uuid: str, app_id: str) -> Session | RemoteSession:
+        t0, jitter = self.clock.monotonic(), self.config.jitter_ms / 1000
+        if self.shards:
+            shard = min(self.shards, key=lambda s: len(s.sessions))
+            return RemoteSession(shard, uuid, app_id, t0, self.defaults.sample_rate, jitter)
+        session = Session(uuid, app_id, t0, self.defaults.sample_rate, jitter_s=jitter)
+        self.processor.add(session)
+        return session
+
     async def open_rtp(self, live: LiveSession, leg_id: str, formats, hold_s: float):
         """The media path of an RTP leg (its port pair bound); OSError when no port is free."""
+        if isinstance(live.session, RemoteSession):
+            return await RemoteRtpMedia.open(live.session, leg_id, formats, hold_s)
         return await RtpMedia.open(self.rtp_ports, self.clock, live.session, leg_id, formats, hold_s)
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
@@ -181,17 +202,23 @@ class Engine:
     def dropped_totals(self) -> dict[str, int]:
         """Input dropped so far by reason, live sessions included (samples for audio)."""
         totals = dict(self.dropped)
-        for reason, count in self.processor.dropped_totals().items():
-            totals[reason] = totals.get(reason, 0) + count
+        for source in [self.processor.dropped_totals()] + [shard.dropped for shard in self.shards]:
+            for reason, count in source.items():
+                totals[reason] = totals.get(reason, 0) + count
         return totals
 
     @property
     def lateness(self) -> LatenessHistogram:
-        return self.processor.lateness
+        """Tick lateness of this process's processing thread and of every worker's."""
+        histogram = LatenessHistogram()
+        histogram.merge(self.processor.lateness)
+        for shard in self.shards:
+            histogram.merge(shard.lateness)
+        return histogram
 
     @property
     def processing_errors(self) -> int:
-        return self.processor.errors
+        return self.processor.errors + sum(shard.errors for shard in self.shards)
 
     def post_dtmf(self, live: LiveSession, leg_id: str, event: DtmfEvent) -> None:
         live.session.post(("dtmf", leg_id, event))
@@ -260,6 +287,33 @@ class Engine:
             self._handle(live, result.events)
             if result.ended:
                 self._session_ended(live)
+
+    async def _start_shard(self, index: int) -> None:
+        shard = RemoteShard(self.config, index, self.config.workers, self._on_results, self._shard_gone)
+        await shard.start()
+        if index < len(self.shards):
+            self.shards[index] = shard
+        else:
+            self.shards.append(shard)
+
+    async def _shard_gone(self, shard: RemoteShard) -> None:
+        """A worker process died: its calls end, their recordings are kept from their
+        spools as after a restart, and a new worker takes its place."""
+        for uuid in list(shard.sessions):
+            live = self.sessions.get(uuid)
+            if live is None:
+                continue
+            live.session.ended = True
+            live.recordings.clear()
+            live.recording = None
+            self._session_ended(live)
+            for row in self.catalog.recordings(live.app_id, session_uuid=uuid, limit=500)[0]:
+                # "processing" ones were closed before the worker died and are being stored.
+                if row["state"] in ("initiated", "recording", "paused", "stopped"):
+                    self._spawn(self._recover(row), f"recover-{row['id']}")
+        shard.sessions.clear()
+        if not self._closing:
+            await self._start_shard(shard.index)
 
     async def _housekeeping_loop(self) -> None:
         while True:

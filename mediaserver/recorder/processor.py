@@ -60,8 +60,12 @@ class Result:
 class Processor:
     """The sessions of this process and the one thread that processes them."""
 
-    def __init__(self, config: Config, clock, on_results: Callable[[list[Result]], Awaitable[None]]) -> None:
+    def __init__(self, config: Config, clock, on_results: Callable[[list[Result]], Awaitable[None]],
+                 report_progress: bool = False) -> None:
         self.config = config
+        # In a worker: report every turn of a session that takes PCM, even without events,
+        # because the server process's backpressure on that stream follows its progress.
+        self.report_progress = report_progress
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.lateness = LatenessHistogram()
@@ -139,7 +143,7 @@ class Processor:
                 self.errors += 1
                 events = contain(session, exc)
             ended = session.ended and not session.inbox
-            if events or ended:
+            if events or ended or (self.report_progress and session.takes_pcm):
                 results.append(Result(session.uuid, events, ended))
         return results
 

@@ -114,6 +114,7 @@ class Session:
         self.next_process = 0.0  # monotonic time of its next turn (the processor's schedule)
         self.hurry = False  # an ingest waits for it: process it at the next tick
         self.hangup_posted = False
+        self.takes_pcm = False  # some leg posts PCM (whose backlog ingest watches)
         self._hangup_at = 0
         self.inbox: deque[tuple] = deque()
         self._events: list[Event] = []
@@ -141,6 +142,7 @@ class Session:
         leg = self.inputs[leg_id]
         leg.posted += len(samples)
         leg.posted_rate = rate
+        self.takes_pcm = True
         self.post(("pcm", leg_id, samples, rate, pts, at_mono))
 
     def post_encoded(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
@@ -196,6 +198,7 @@ class Session:
             if kind == "encoded":
                 self._encoded(runs, *message[1:])
             elif kind == "pcm":
+                self.takes_pcm = True
                 leg_id, samples, rate, pts, at_mono = message[1:]
                 self._collect(runs, leg_id, samples, len(samples), rate, pts, at_mono, None)
             else:

@@ -1,0 +1,271 @@
+"""The server process's side of a worker process: the worker itself (`RemoteShard`), and
+stand-ins for what runs in it (`RemoteSession`, `RemoteRtpMedia`).
+
+A `RemoteSession` takes the same calls as a `Session` (post, add_leg, post_pcm, end_leg),
+so ingest and commands do not care where a session runs; it forwards them to its worker.
+What the worker's sessions report comes back through `on_results`, as for sessions of
+this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from mediaserver.config import Config
+from mediaserver.recorder.processor import LatenessHistogram, Result
+from mediaserver.recorder.rtpmedia import format_spec
+from mediaserver.recorder.session import LegInput
+from mediaserver.recorder.wire import Channel
+
+log = logging.getLogger(__name__)
+
+
+class WorkerGone(OSError):
+    """The worker process running a session has exited."""
+
+
+class RemoteShard:
+    """One worker process and the channel to it."""
+
+    def __init__(self, config: Config, index: int, count: int, on_results: Callable[[list[Result]], Awaitable[None]],
+                 on_gone: Callable[["RemoteShard"], Awaitable[None]]) -> None:
+        self.config = config
+        self.index = index
+        self.count = count
+        self.sessions: dict[str, RemoteSession] = {}
+        self.lateness = LatenessHistogram()
+        self.errors = 0
+        self.dropped: dict[str, int] = {}
+        self._on_results = on_results
+        self._on_gone = on_gone
+        self._process = None
+        self._channel: Channel | None = None
+        self._reader: asyncio.Task | None = None
+        self._requests: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._taps: dict[int, Callable] = {}
+        self._closing = False
+
+    async def start(self) -> None:
+        """Start the worker (`python -m mediaserver.recorder.worker`) with its end of a socket
+        pair; its settings are the first message."""
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "mediaserver.recorder.worker", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._channel = await Channel.open(ours)
+        self._channel.send(("config", self.config, self.index, self.count))
+        self._reader = asyncio.create_task(self._read(), name=f"worker-{self.index}-reader")
+
+    async def close(self) -> None:
+        """Tell the worker to leave, wait for it, and close the channel; idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._channel is not None:
+            self._channel.send(("exit",))
+            await self._channel.drain()
+        if self._process is not None:
+            try:
+                await asyncio.to_thread(self._process.wait, 15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                await asyncio.to_thread(self._process.wait, 5)
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        if self._channel is not None:
+            await self._channel.close()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def send(self, message: tuple) -> None:
+        self._channel.send(message)
+
+    async def request(self, name: str, *args: Any) -> Any:
+        ident = next(self._ids)
+        future = self._requests[ident] = asyncio.get_running_loop().create_future()
+        self.send(("request", ident, name, args))
+        return await future
+
+    def add_tap(self, listener: Callable) -> int:
+        token = next(self._ids)
+        self._taps[token] = listener
+        return token
+
+    def tap_token(self, listener: Callable) -> int | None:
+        return next((token for token, known in self._taps.items() if known is listener), None)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                for message in await self._channel.receive():
+                    await self._dispatch(message)
+        except EOFError:
+            pass
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(WorkerGone(f"worker {self.index} has exited"))
+        self._requests.clear()
+        if not self._closing:
+            await asyncio.to_thread(self._process.wait)
+            log.error("worker %d exited unexpectedly", self.index)
+            await self._on_gone(self)
+
+    async def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "results":
+            results = []
+            for uuid, events, ended, progress in message[1]:
+                session = self.sessions.get(uuid)
+                if session is not None:
+                    session.progress(progress)
+                    if ended:
+                        session.ended = True
+                        self.sessions.pop(uuid, None)
+                results.append(Result(uuid, events, ended))
+            await self._on_results(results)
+        elif kind == "reply":
+            self._reply(*message[1:])
+        elif kind == "tap":
+            self._relay_tap(*message[1:])
+        elif kind == "stats":
+            self._stats(message[1])
+
+    def _reply(self, ident: int, ok: bool, value: Any) -> None:
+        future = self._requests.pop(ident, None)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            kind, text = value
+            future.set_exception(OSError(text) if kind in ("OSError", "PermissionError") else RuntimeError(f"{kind}: {text}"))
+
+    def _relay_tap(self, uuid: str, token: int, data: bytes | None) -> None:
+        listener = self._taps.get(token)
+        if listener is None:
+            return
+        if data is None:
+            self._taps.pop(token, None)
+            listener(None)
+        else:
+            listener(np.frombuffer(data, dtype=np.int16))
+
+    def _stats(self, stats: dict[str, Any]) -> None:
+        buckets, count, total, peak = stats["lateness"]
+        histogram = LatenessHistogram()
+        histogram.buckets, histogram.count, histogram.sum, histogram.max = list(buckets), count, total, peak
+        self.lateness = histogram
+        self.errors = stats["errors"]
+        self.dropped = stats["dropped"]
+
+
+class RemoteSession:
+    """A session that runs in a worker process, as the server process sees it."""
+
+    live = True
+
+    def __init__(self, shard: RemoteShard, uuid: str, app_id: str, t0: float, rate: int, jitter_s: float) -> None:
+        self.shard = shard
+        self.uuid = uuid
+        self.app_id = app_id
+        self.t0 = t0
+        self.rate = rate
+        self.inputs: dict[str, LegInput] = {}
+        self.inbox: deque = deque()  # always empty here: the worker has the real one
+        self.ended = False
+        shard.sessions[uuid] = self
+        shard.send(("session", uuid, app_id, t0, rate, jitter_s))
+
+    def post(self, message: tuple) -> None:
+        if message[0] == "tap":
+            listener, attach = message[1], message[2]
+            token = self.shard.add_tap(listener) if attach else self.shard.tap_token(listener)
+            if token is None:
+                return
+            message = ("tap", token, attach)
+        self.shard.send(("post", self.uuid, message))
+
+    @property
+    def hurry(self) -> bool:
+        return False
+
+    @hurry.setter
+    def hurry(self, value: bool) -> None:
+        if value:
+            self.shard.send(("hurry", self.uuid))
+
+    def add_leg(self, leg_id: str, role: str, at_mono: float) -> LegInput:
+        if leg_id in self.inputs:
+            raise ValueError(f"leg {leg_id} already exists")
+        leg = self.inputs[leg_id] = LegInput(leg_id, role)
+        self.shard.send(("add_leg", self.uuid, leg_id, role, at_mono))
+        return leg
+
+    def post_pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None, at_mono: float = 0.0) -> None:
+        leg = self.inputs[leg_id]
+        leg.posted += len(samples)
+        leg.posted_rate = rate
+        self.post(("pcm", leg_id, samples, rate, pts, at_mono))
+
+    def end_leg(self, leg_id: str, at_mono: float) -> None:
+        self.post(("end", leg_id, at_mono))
+
+    def timeline_at(self, mono: float, rate: int) -> int:
+        return max(int((mono - self.t0) * rate), 0)
+
+    def timeline(self, mono: float) -> int:
+        return self.timeline_at(mono, self.rate)
+
+    def progress(self, legs: dict[str, tuple[int, int]]) -> None:
+        """How far the worker has placed and mixed each leg (for backpressure)."""
+        for leg_id, (applied, ahead) in legs.items():
+            leg = self.inputs.get(leg_id)
+            if leg is not None:
+                leg.applied, leg.ahead = applied, ahead
+
+
+class RemoteRtpMedia:
+    """An RTP leg whose sockets are in a worker process."""
+
+    endpoint = receiver = None  # in the worker
+
+    def __init__(self, shard: RemoteShard, leg_id: str, port: int) -> None:
+        self.shard = shard
+        self.leg_id = leg_id
+        self.port = port
+
+    @classmethod
+    async def open(cls, session: RemoteSession, leg_id: str, formats, hold_s: float) -> "RemoteRtpMedia":
+        port = await session.shard.request("open_rtp", session.uuid, leg_id, format_spec(formats), hold_s)
+        return cls(session.shard, leg_id, port)
+
+    def set_formats(self, formats) -> None:
+        self.shard.send(("request", 0, "rtp_formats", (self.leg_id, format_spec(formats))))
+
+    def relatch(self) -> None:
+        self.shard.send(("request", 0, "relatch", (self.leg_id,)))
+
+    async def close(self) -> dict[str, Any]:
+        try:
+            return await self.shard.request("close_rtp", self.leg_id)
+        except WorkerGone:
+            return {}

@@ -1,0 +1,202 @@
+"""A worker process: a share of the calls, their RTP sockets and their processing.
+
+One Python process can keep only about one core busy, so a server with `workers` ≥ 2
+runs the audio of its sessions in that many worker processes. Each worker has its own
+event loop (receiving the RTP of its calls on ports from its share of the range) and its
+own processing thread (decode, mix, encode, spool). The server process keeps signalling,
+the API, the catalog, webhooks and storage; it sends the worker what ingest and commands
+post into a session and gets back what the sessions report.
+
+Messages from the server (see `wire.Channel`):
+- ("session", uuid, app_id, t0, rate, jitter_s)       a new session
+- ("add_leg", uuid, leg_id, role, at_mono)
+- ("post", uuid, message)                              a session inbox message
+- ("hurry", uuid)                                      process it at the next tick
+- ("request", id, name, args)                          answered by ("reply", id, ok, value):
+  open_rtp(uuid, leg_id, formats, hold_s) -> port, rtp_formats(leg_id, formats),
+  relatch(leg_id), close_rtp(leg_id) -> statistics
+- ("exit",)
+Messages to the server: ("results", [(uuid, events, ended, progress)]), ("reply", …),
+("tap", uuid, token, pcm bytes or None), ("stats", {...}).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from mediaserver.clock import SystemClock
+from mediaserver.config import Config
+from mediaserver.recorder.processor import Processor, Result
+from mediaserver.recorder.rtpmedia import RtpMedia, formats_from
+from mediaserver.recorder.session import Session
+from mediaserver.recorder.wire import Channel
+from mediaserver.rtp.endpoint import PortPool
+
+log = logging.getLogger(__name__)
+
+STATS_EVERY_S = 1.0
+
+
+def port_share(config: Config, index: int, count: int) -> tuple[int, int]:
+    """The part of the RTP port range that worker `index` of `count` binds from."""
+    low, high = config.rtp_port_min, config.rtp_port_max
+    if low == 0:
+        return 0, 0
+    span = ((high - low + 1) // count) & ~1
+    start = low + index * span
+    return start, (high if index == count - 1 else start + span - 1)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m mediaserver.recorder.worker FD`: serve the server process on socket FD."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
+    sock = socket.socket(fileno=int(argv[1]))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve(sock))
+    return 0
+
+
+async def _serve(sock: socket.socket) -> None:
+    channel = await Channel.open(sock)
+    first = await channel.receive()
+    _, config, index, count = first[0]
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
+    await Worker(config, index, count, channel).run(first[1:])
+
+
+class Worker:
+    def __init__(self, config: Config, index: int, count: int, channel: Channel) -> None:
+        self.config = config
+        self.index = index
+        self.clock = SystemClock()
+        self.channel = channel
+        self.processor = Processor(config, self.clock, self._results, report_progress=True)
+        self.ports = PortPool(config.sip_host, *port_share(config, index, count))
+        self.media: dict[str, RtpMedia] = {}
+        self.taps: dict[int, Any] = {}  # token -> listener relaying to the server process
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, pending: list) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.processor.start()
+        stats = asyncio.create_task(self._stats_loop(), name="worker-stats")
+        try:
+            batch = pending
+            while await self._dispatch_all(batch):
+                batch = await self.channel.receive()
+        except EOFError:
+            log.warning("the server process has gone: closing the spools and leaving")
+        finally:
+            stats.cancel()
+            for media in self.media.values():
+                await media.close()
+            await self.processor.close()
+            for session in list(self.processor.sessions.values()):
+                _close_spool(session)
+            await self.channel.close()
+
+    async def _dispatch_all(self, batch: list) -> bool:
+        for message in batch:
+            if message[0] == "exit":
+                await self.channel.drain()
+                return False
+            try:
+                await self._dispatch(message)
+            except Exception:
+                log.exception("worker message %s failed", message[0])
+        return True
+
+    async def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "post":
+            session = self.processor.sessions.get(message[1])
+            inner = message[2] if message[2][0] != "tap" else self._tap(message[1], *message[2][1:])
+            if session is not None and inner is not None:
+                session.post(inner)
+        elif kind == "add_leg":
+            session = self.processor.sessions.get(message[1])
+            if session is not None:
+                session.add_leg(*message[2:])
+        elif kind == "hurry":
+            session = self.processor.sessions.get(message[1])
+            if session is not None:
+                session.hurry = True
+        elif kind == "session":
+            uuid, app_id, t0, rate, jitter_s = message[1:]
+            self.processor.add(Session(uuid, app_id, t0, rate, jitter_s=jitter_s))
+        elif kind == "request":
+            await self._request(*message[1:])
+
+    def _tap(self, uuid: str, token: int, attach: bool) -> tuple | None:
+        """A tap's token stands for a listener in the server process: relay to it."""
+        if attach:
+            self.taps[token] = lambda pcm: self._relay_tap(uuid, token, pcm)
+            return ("tap", self.taps[token], True)
+        listener = self.taps.pop(token, None)
+        return None if listener is None else ("tap", listener, False)
+
+    def _relay_tap(self, uuid: str, token: int, pcm) -> None:
+        # Called on the processing thread: hand over to the loop's thread.
+        data = None if pcm is None else pcm.tobytes()
+        self.loop.call_soon_threadsafe(self.channel.send, ("tap", uuid, token, data))
+
+    async def _request(self, ident: int, name: str, args: tuple) -> None:
+        try:
+            value = await getattr(self, f"_{name}")(*args)
+            self.channel.send(("reply", ident, True, value))
+        except Exception as exc:
+            self.channel.send(("reply", ident, False, (type(exc).__name__, str(exc))))
+
+    async def _open_rtp(self, uuid: str, leg_id: str, formats: dict, hold_s: float) -> int:
+        session = self.processor.sessions[uuid]
+        media = self.media[leg_id] = await RtpMedia.open(self.ports, self.clock, session, leg_id, formats_from(formats), hold_s)
+        return media.port
+
+    async def _rtp_formats(self, leg_id: str, formats: dict) -> None:
+        self.media[leg_id].set_formats(formats_from(formats))
+
+    async def _relatch(self, leg_id: str) -> None:
+        self.media[leg_id].relatch()
+
+    async def _close_rtp(self, leg_id: str) -> dict[str, Any]:
+        media = self.media.pop(leg_id, None)
+        return {} if media is None else await media.close()
+
+    async def _results(self, results: list[Result]) -> None:
+        out = []
+        for result in results:
+            session = self.processor.sessions.get(result.uuid)
+            progress = {} if session is None or not session.takes_pcm else \
+                {leg.leg_id: (leg.applied, leg.ahead) for leg in list(session.inputs.values())}
+            out.append((result.uuid, result.events, result.ended, progress))
+        self.channel.send(("results", out))
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_EVERY_S)
+            histogram = self.processor.lateness
+            self.channel.send(("stats", {
+                "lateness": (list(histogram.buckets), histogram.count, histogram.sum, histogram.max),
+                "errors": self.processor.errors, "dropped": self.processor.dropped_totals(),
+                "sessions": len(self.processor.sessions),
+            }))
+
+
+def _close_spool(session: Session) -> None:
+    recording = session.recording
+    if recording is not None and not recording.done and hasattr(recording.sink, "close"):
+        recording.sink.close(sync=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
