@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from benchmarks.server import HEADERS, Server
 
 TITLE = "End to end: N concurrent two-leg RTP calls recorded to MP3, ramped; drops, tick lateness, CPU and RSS per call"
 
-RAMP = (250, 400, 550, 700)
+RAMP = (250, 500, 750, 900, 950, 1000, 1050)
 QUICK_RAMP = (20, 200)
 RUN_S, QUICK_RUN_S = 20.0, 8.0
 WARMUP_S = 4.0  # after the sender starts, before the steady window
@@ -202,8 +203,10 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def server_settings() -> dict[str, Any]:
-    """What the server runs with here (beyond its defaults), recorded with the results."""
-    return {}
+    """What the server runs with here (beyond its defaults), recorded with the results:
+    a worker process per core and a 200 ms jitter allowance, as a server holding many calls
+    on a machine it shares with the load is meant to run."""
+    return {"workers": len(os.sched_getaffinity(0)), "jitter_ms": 200}
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -218,8 +221,8 @@ def run(quick: bool) -> dict[str, Any]:
         print(f"rtp_load: {n} calls for {seconds:.0f} s …", flush=True)
         rows.append(measure(n, seconds, work, payload, settings))
         print_rows("so far", rows[-1:])
-        if not ok(rows[-1]) and len(rows) >= 2 and not ok(rows[-2]):
-            break  # two failing steps in a row: the ramp is past what this machine holds
+        if len(rows) >= 3 and not any(ok(row) for row in rows[-3:]):
+            break  # three failing steps in a row: the ramp is past what this machine holds
     print_rows("RTP load (per step: a fresh server; CPU and lateness over the steady window)", rows)
     best = max((row["calls"] for row in rows if ok(row)), default=0)
     verdicts = [verdict("concurrent two-leg calls, no drop, p99 tick lateness < 20 ms", best, TARGET_CALLS, " calls")]

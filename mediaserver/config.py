@@ -79,7 +79,7 @@ class Config:
     webhook_max_age_h: float = 24.0
     session_idle_s: float = 3600.0  # a session with no live leg and no recording ends after this
     tick_ms: int = 20
-    process_ms: int = 100  # each session is mixed and encoded this often (staggered over ticks)
+    process_ms: int = 200  # each session is mixed and encoded this often (staggered over ticks)
     jitter_ms: int = 80
     max_body_bytes: int = 1 * MiB
     ingest_token_ttl_s: int = 3600
