@@ -61,12 +61,8 @@ class Processor:
     """The sessions of this process and the one thread that processes them."""
 
     def __init__(self, config: Config, clock, on_results: Callable[[list[Result]], Awaitable[None]],
-                 report_progress: bool = False, inline: bool = False) -> None:
+                 report_progress: bool = False) -> None:
         self.config = config
-        # A worker process runs the turns on its event loop's own thread: it has nothing
-        # else to keep responsive, and two threads of one process fighting over the GIL
-        # cost more than a loop that is busy for a few milliseconds each tick.
-        self.inline = inline
         # In a worker: report every turn of a session that takes PCM, even without events,
         # because the server process's backpressure on that stream follows its progress.
         self.report_progress = report_progress
@@ -115,10 +111,7 @@ class Processor:
         due = loop.time()
         while True:
             self.lateness.observe(max(loop.time() - due, 0.0))
-            if self.inline:
-                results = self._turns(self.clock.monotonic())
-            else:
-                results = await loop.run_in_executor(self._executor, self._turns, self.clock.monotonic())
+            results = await loop.run_in_executor(self._executor, self._turns, self.clock.monotonic())
             if results:
                 await self._on_results(results)
                 for result in results:

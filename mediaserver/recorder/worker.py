@@ -63,9 +63,9 @@ MALLOC_THRESHOLD = 128 * 1024
 def tune_malloc() -> None:
     """Hand freed memory back to the system sooner.
 
-    A worker's one thread interleaves short-lived allocations (packets, blocks) with
-    long-lived ones (encoders); with glibc's default, adaptive thresholds its heap keeps
-    what it once held and RSS per call doubles. Fixed thresholds keep it flat.
+    A worker interleaves short-lived allocations (packets, audio blocks) with long-lived
+    ones (encoders); with glibc's default, adaptive thresholds its heaps keep what they
+    once held. Fixed thresholds keep RSS per call low and flat.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -104,7 +104,7 @@ class Worker:
         self.index = index
         self.clock = SystemClock()
         self.channel = channel
-        self.processor = Processor(config, self.clock, self._results, report_progress=True, inline=False)
+        self.processor = Processor(config, self.clock, self._results, report_progress=True)
         self.ports = PortPool(config.sip_host, *port_share(config, index, count))
         self.media: dict[str, RtpMedia] = {}
         self.taps: dict[int, Any] = {}  # token -> listener relaying to the server process

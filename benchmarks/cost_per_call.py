@@ -1,0 +1,73 @@
+"""Cost per call at N = 1, 10, 100, 1000 concurrent two-leg RTP calls: flat or not.
+
+Each step is an `rtp_load` step (a fresh server, real RTP from a sender process, MP3
+recordings); the server's CPU over the steady window, less what the same server burns
+with no call at all, and its RSS growth, are divided by N.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from benchmarks import audio, rtp_load
+from benchmarks.common import WORK, print_table, rnd, verdict
+from benchmarks.server import Server
+
+TITLE = "Cost per call at N = 1, 10, 100, 1000 two-leg RTP calls: CPU and RSS per call, flat or not"
+
+STEPS = (1, 10, 100, 1000)
+QUICK_STEPS = (1, 10, 100)
+RUN_S, QUICK_RUN_S = 15.0, 8.0
+IDLE_S = 8.0
+BUDGET_KIB = 256
+
+
+def idle_cores(work, settings: dict[str, Any]) -> float:
+    """What the server's tick loops cost with no call (subtracted from every step)."""
+    server = Server(work, rtp_ports=rtp_load.RTP_PORTS, **settings)
+    server.start()
+    try:
+        time.sleep(2.0)
+        before, began = server.status(), time.monotonic()
+        time.sleep(IDLE_S)
+        after = server.status()
+        return (after["cpu"] - before["cpu"]) / (time.monotonic() - began)
+    finally:
+        server.stop()
+
+
+def run(quick: bool) -> dict[str, Any]:
+    steps, seconds = (QUICK_STEPS, QUICK_RUN_S) if quick else (STEPS, RUN_S)
+    work = WORK / "cost_per_call"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    payload, _ = audio.speech_legs(work, 60)
+    settings = rtp_load.server_settings()
+    idle = idle_cores(work, settings)
+    print(f"cost_per_call: the server idles at {idle:.3f} cores", flush=True)
+    rows = []
+    for n in steps:
+        print(f"cost_per_call: {n} calls …", flush=True)
+        row = rtp_load.measure(n, seconds, work, payload, settings)
+        row["cpu_per_call_net_pct"] = rnd(max(row["server_cpu_cores"] - idle, 0.0) / n * 100, 4)
+        row["ok"] = rtp_load.ok(row)
+        rows.append(row)
+    print_table("Cost per call (CPU of the server's processes less its idle cost, RSS growth, each over N)", [
+        ("calls", "calls", ""), ("cores", "server_cpu_cores", ".3f"), ("CPU %/call", "cpu_per_call_net_pct", ".3f"),
+        ("RSS/call KiB", "rss_per_call_kib", ".1f"), ("p99 ms", "tick_p99_ms", "g"), ("dropped", "packets_dropped", ""),
+        ("late smp", "late_samples_dropped", ""), ("all ok", "ok", "")], rows)
+    # Flat means a call costs no more among many than among few: the largest N against N = 10
+    # (N = 1 is mostly the server's fixed cost). Falling is better than flat.
+    base = next((row for row in rows if row["calls"] >= 10), rows[0])
+    growth = (rows[-1]["cpu_per_call_net_pct"] / base["cpu_per_call_net_pct"]) if base["cpu_per_call_net_pct"] else None
+    verdicts = [
+        verdict(f"CPU per call at N = {rows[-1]['calls']} over N = {base['calls']} (flat or falling)", rnd(growth, 2),
+                1.0, "x", higher_is_better=False),
+        verdict(f"RSS per call at N = {rows[-1]['calls']}", rows[-1]["rss_per_call_kib"], BUDGET_KIB, " KiB",
+                higher_is_better=False),
+    ]
+    figures = {"idle_cores": rnd(idle, 4), "steps": rows, "cpu_growth": rnd(growth, 2)}
+    return {"settings": {"steps": list(steps), "audio_s": seconds, "server_settings": settings, "record": rtp_load.RECORD},
+            "figures": figures, "verdicts": verdicts}
