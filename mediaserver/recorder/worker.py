@@ -23,8 +23,6 @@ Messages to the server: ("results", [(uuid, events, ended, progress)]), ("reply"
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import signal
 import socket
@@ -33,7 +31,7 @@ from typing import Any
 
 from mediaserver.clock import SystemClock
 from mediaserver.config import Config
-from mediaserver.recorder.processor import Processor, Result
+from mediaserver.recorder.processor import Processor, Result, tune_malloc
 from mediaserver.recorder.rtpmedia import RtpMedia, formats_from
 from mediaserver.recorder.session import Session
 from mediaserver.recorder.wire import Channel
@@ -52,27 +50,6 @@ def port_share(config: Config, index: int, count: int) -> tuple[int, int]:
     span = ((high - low + 1) // count) & ~1
     start = low + index * span
     return start, (high if index == count - 1 else start + span - 1)
-
-
-# glibc mallopt(3) parameters
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MALLOC_THRESHOLD = 128 * 1024
-
-
-def tune_malloc() -> None:
-    """Hand freed memory back to the system sooner.
-
-    A worker interleaves short-lived allocations (packets, audio blocks) with long-lived
-    ones (encoders); with glibc's default, adaptive thresholds its heaps keep what they
-    once held. Fixed thresholds keep RSS per call low and flat.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
-        libc.mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator is left as it is
 
 
 def main(argv: list[str]) -> int:
