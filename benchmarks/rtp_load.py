@@ -183,6 +183,7 @@ def _row(n, seconds, idle, loaded, first, second, m1, m2, m3, sent, rows, udp0, 
         "rss_kib": s2["VmRSS"], "rss_per_call_kib": rnd((s2["VmRSS"] - idle["VmRSS"]) / n, 1),
         "rss_per_call_before_audio_kib": rnd((loaded["VmRSS"] - idle["VmRSS"]) / n, 1),
         "sender_cpu_pct": rnd(sent["cpu_s"] / sent["wall_s"] * 100, 1), "sender_late_p99_ms": rnd(sent["late_p99_ms"], 2),
+        "sender_late_max_ms": rnd(sent["late_max_ms"], 1),
         "window_s": rnd(window, 2), "audio_s": seconds,
     }
 
@@ -199,7 +200,7 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
         ("p50 ms", "tick_p50_ms", "g"), ("p99 ms", "tick_p99_ms", "g"), ("max ms", "tick_max_ms", "g"),
         ("cores", "server_cpu_cores", ".2f"), ("CPU %/call", "cpu_per_call_pct", ".3f"),
         ("RSS/call KiB", "rss_per_call_kib", ".1f"), ("sender CPU %", "sender_cpu_pct", ".0f"),
-        ("sender p99 ms", "sender_late_p99_ms", ".1f")], rows)
+        ("sender p99 ms", "sender_late_p99_ms", ".1f"), ("sender max ms", "sender_late_max_ms", ".0f")], rows)
 
 
 def server_settings() -> dict[str, Any]:
