@@ -160,29 +160,40 @@ class RunningCrc16:
         return self._crc
 
 
+CRC_BLOCK = 1024
+_ROWS = np.arange(CRC_BLOCK - 1, -1, -1)  # each byte's distance from the end of a block
+
+
 def crc16(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """CRC-16/ARC (polynomial 0x8005 reflected, as LAME's tag uses) of `data`, continued from `crc`.
 
     Vectorised: the CRC of a block is linear in its bytes, so it is the XOR of one table
     entry per byte, picked by the byte's value and its distance from the block's end. The
     running value enters by XOR into the block's first two bytes (reflected CRC, 16 bits).
+    A short block is padded in front with zero bytes, which add nothing to a CRC that
+    starts from zero: every array here has the same size whatever the data's length, so
+    numpy's cache of freed small buffers does not fill up with one size after another
+    over a long recording.
     """
     table = _crc_tables()
+    size = len(table)
     view = np.frombuffer(data, dtype=np.uint8)
-    for start in range(0, len(view), len(table)):
-        block = view[start : start + len(table)]
-        if len(block) < 2:
-            return _crc16_byte(crc, int(block[0]))
-        block = block.copy()
-        block[0] ^= crc & 0xFF
-        block[1] ^= crc >> 8
-        rows = np.arange(len(block) - 1, -1, -1)
-        crc = int(np.bitwise_xor.reduce(table[rows, block]))
+    block = np.empty(size, dtype=np.uint8)
+    for start in range(0, len(view), size):
+        piece = view[start : start + size]
+        if len(piece) < 2:
+            return _crc16_byte(crc, int(piece[0]))
+        head = size - len(piece)
+        block[:head] = 0
+        block[head:] = piece
+        block[head] ^= crc & 0xFF
+        block[head + 1] ^= crc >> 8
+        crc = int(np.bitwise_xor.reduce(table[_ROWS, block]))
     return crc
 
 
 @functools.cache
-def _crc_tables(block: int = 1024) -> np.ndarray:
+def _crc_tables(block: int = CRC_BLOCK) -> np.ndarray:
     """table[k][b]: CRC-16/ARC (from 0) of byte b followed by k zero bytes; 512 KiB."""
     table = np.empty((block, 256), dtype=np.uint16)
     table[0] = [_crc16_byte(0, b) for b in range(256)]
