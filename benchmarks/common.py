@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -213,33 +212,3 @@ def verdict(target: str, value: float | None, threshold: float, unit: str, *, hi
     sys.stdout.flush()
     return {"target": target, "value": value, "threshold": threshold, "unit": unit,
             "higher_is_better": higher_is_better, "met": met, "short_by_percent": rnd(short, 1), "detail": detail}
-
-
-# -- ports -----------------------------------------------------------------------------------
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_udp_range(size: int = 20) -> tuple[int, int]:
-    """A run of `size` UDP ports that were free a moment ago (the server's RTP range)."""
-    for _ in range(50):
-        start = free_port(socket.SOCK_DGRAM) & ~1
-        if start < 1024 or start + size > 65000:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(start, start + size):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return start, start + size - 1
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free UDP port range")

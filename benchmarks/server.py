@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import free_port, free_udp_range
+from mediaserver.tools.ports import free_port, free_udp_range
 
 APP = {"id": "bench", "key": "bench-key"}
 HEADERS = {"X-App-ID": APP["id"], "X-API-Key": APP["key"]}

@@ -20,36 +20,10 @@ from aiohttp import web
 from mediaserver import config as config_module
 from mediaserver.api.app import make_app
 from mediaserver.api.keys import ENGINE
+from mediaserver.tools.ports import free_port, free_udp_range  # noqa: F401 - also for the tests
 
 APP1 = {"id": "app1", "key": "key-one-0123456789", "webhook_secret": "whsec-one"}
 APP2 = {"id": "app2", "key": "key-two-0123456789", "webhook_secret": "whsec-two"}
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_udp_range(size: int = 40) -> tuple[int, int]:
-    """A run of `size` UDP ports that were free a moment ago (for the RTP range)."""
-    for _ in range(50):
-        start = free_port(socket.SOCK_DGRAM) & ~1
-        if start + size > 65000:
-            continue
-        try:
-            socks = []
-            for port in range(start, start + size):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return start, start + size - 1
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free UDP port range")
 
 
 class Server:

@@ -30,10 +30,11 @@ from mediaserver.options import RecordingOptions
 from mediaserver.recorder.processor import LatenessHistogram, Processor, Result
 from mediaserver.recorder.remote import RemoteRtpMedia, RemoteSession, RemoteShard
 from mediaserver.recorder.rtpmedia import RtpMedia
-from mediaserver.rtp.endpoint import PortPool
 from mediaserver.recorder.session import Session
 from mediaserver.recorder.spec import RecordingSpec
+from mediaserver.rtp.endpoint import PortPool
 from mediaserver.storage import Storage, Upload, object_key
+from mediaserver.tasks import cancel_and_wait
 from mediaserver.webhooks import Outbox
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,7 @@ class Engine:
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(self.config.tick_ms / 1000)
         for task in (self._housekeeping_task, self._sweep_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+            await cancel_and_wait(task)
         self._housekeeping_task = self._sweep_task = None
         for shard in self.shards:
             await shard.close()

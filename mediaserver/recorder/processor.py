@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable
 from mediaserver.config import Config
 from mediaserver.recorder.recording import legs_view
 from mediaserver.recorder.session import Session
+from mediaserver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,8 @@ class Processor:
         self._task = asyncio.create_task(self._run(), name="media-tick")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:

@@ -25,6 +25,7 @@ from mediaserver.recorder.processor import LatenessHistogram, Result
 from mediaserver.recorder.rtpmedia import format_spec
 from mediaserver.recorder.session import LegInput
 from mediaserver.recorder.wire import Channel
+from mediaserver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,7 @@ class RemoteShard:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 await asyncio.to_thread(self._process.wait, 5)
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._reader)
         if self._channel is not None:
             await self._channel.close()
 

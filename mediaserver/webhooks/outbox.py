@@ -20,6 +20,7 @@ import aiohttp
 
 from mediaserver.catalog import Catalog, OutboxItem
 from mediaserver.config import App
+from mediaserver.tasks import cancel_and_wait
 from mediaserver.webhooks.signing import SIGNATURE_HEADER, sign
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,8 @@ class WebhookSender:
         self._task = asyncio.create_task(self._run(), name="webhook-sender")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None
