@@ -267,6 +267,12 @@ def run(quick: bool) -> dict[str, Any]:
     verdicts.append(verdict(f"flat with call length ({long_['call']} minus {short['call']})",
                             long_["peak_over_own_rest_kib"] - short["peak_over_own_rest_kib"], FLAT_KIB, " KiB",
                             higher_is_better=False))
+    # The same question asked of the long call alone: how much its RSS rose from its first
+    # tenth (start-up steps done) to its end, while the audio went on.
+    trace = long_["trace"]
+    if len(trace) >= 3:
+        verdicts.append(verdict(f"growth through the {long_['call']} call (from {trace[1]['recorded_s']:.0f} s to the end)",
+                                trace[-1]["rss_kib"] - trace[1]["rss_kib"], FLAT_KIB, " KiB", higher_is_better=False))
     settings = {
         "calls_min": list(calls), "warmup_s": WARMUP_S, "frame_bytes": FRAME_BYTES, "pace_x": PACE_X, "burst_s": BURST_S, "encoding": "PCMU", "record": RECORD, "sample_every_s": SAMPLE_EVERY_S,
         "rest_s": REST_S, "budget_kib": BUDGET_KIB, "flat_kib": FLAT_KIB,

@@ -151,12 +151,14 @@ class RunningCrc16:
         self._pending += data
         if len(self._pending) >= self.BATCH:
             self._crc = crc16(self._pending, self._crc)
-            self._pending.clear()
+            # A fresh buffer rather than clear(): resizing one that something still views
+            # (a numpy array not yet freed) raises BufferError.
+            self._pending = bytearray()
 
     @property
     def value(self) -> int:
         self._crc = crc16(self._pending, self._crc)
-        self._pending.clear()
+        self._pending = bytearray()
         return self._crc
 
 
