@@ -32,15 +32,17 @@ from benchmarks.server import HEADERS, Server
 
 TITLE = "End to end: N concurrent two-leg RTP calls recorded to MP3, ramped; drops, tick lateness, CPU and RSS per call"
 
-RAMP = (250, 500, 750, 900, 950, 1000, 1050)
+RAMP = (250, 500, 750, 900, 950, 1000, 1050, 1100, 1150, 1200)
 QUICK_RAMP = (20, 200)
 RUN_S, QUICK_RUN_S = 20.0, 8.0
 WARMUP_S = 4.0  # after the sender starts, before the steady window
+STREAM_RAMP_S = 2.0  # the calls' streams begin one after another over this, as calls do
 RTP_PORTS = (30000, 39999)
 RECORD = {"format": "mp3", "bitrate": 16}
 TARGET_CALLS = 1000
 LATENESS_MS = 20.0
 CONCURRENCY = 32
+SENDER_NICE = -10
 
 
 def offer(port: int = 9) -> str:
@@ -130,11 +132,21 @@ def _lateness(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return result
 
 
+def _raise_priority() -> None:
+    """The sender stands for the network: run it ahead of the server it shares the cores
+    with, so that its own lateness does not pass for the server's (needs root; without it
+    the sender runs at normal priority, and its lateness columns show what that costs)."""
+    try:
+        os.nice(SENDER_NICE)
+    except OSError:
+        pass
+
+
 def _sender(plan: dict[str, Any], work: Path) -> subprocess.Popen:
     path = work / "plan.json"
     path.write_text(json.dumps(plan))
     return subprocess.Popen([sys.executable, "-m", "benchmarks.rtp_sender"], stdin=open(path), stdout=subprocess.PIPE,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parent.parent, preexec_fn=_raise_priority)
 
 
 def measure(n: int, seconds: float, work: Path, payload: Path, server_settings: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +161,7 @@ def measure(n: int, seconds: float, work: Path, payload: Path, server_settings: 
         loaded = server.status()
         targets = [port for _, _, ports in calls for port in ports]
         udp0 = _udp_errors()
-        sender = _sender({"targets": targets, "seconds": seconds, "payload": str(payload)}, work)
+        sender = _sender({"targets": targets, "seconds": seconds, "payload": str(payload), "ramp_s": STREAM_RAMP_S}, work)
         time.sleep(WARMUP_S)
         s1, m1, t1 = server.status(), server.metrics(), time.monotonic()
         time.sleep(max(seconds - WARMUP_S - 1.0, 1.0))
@@ -226,8 +238,9 @@ def run(quick: bool) -> dict[str, Any]:
             break  # three failing steps in a row: the ramp is past what this machine holds
     print_rows("RTP load (per step: a fresh server; CPU and lateness over the steady window)", rows)
     best = max((row["calls"] for row in rows if ok(row)), default=0)
-    verdicts = [verdict("concurrent two-leg calls, no drop, p99 tick lateness < 20 ms", best, TARGET_CALLS, " calls")]
+    verdicts = [verdict("concurrent two-leg calls, nothing dropped or late, p99 tick lateness within 20 ms", best, TARGET_CALLS, " calls")]
     figures = {"steps": rows, "largest_ok_calls": best}
     settings_out = {"ramp": list(ramp), "audio_s": seconds, "warmup_s": WARMUP_S, "record": RECORD, "codec": "PCMU 20 ms",
-                    "server_settings": settings, "lateness_limit_ms": LATENESS_MS}
+                    "server_settings": settings, "lateness_limit_ms": LATENESS_MS,
+                    "sender_nice": SENDER_NICE, "stream_ramp_s": STREAM_RAMP_S}
     return {"settings": settings_out, "figures": figures, "verdicts": verdicts}

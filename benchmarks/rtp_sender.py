@@ -1,9 +1,10 @@
 """A paced RTP sender in its own process: `python -m benchmarks.rtp_sender < plan.json`.
 
 The plan is `{"targets": [port, …], "seconds": s, "payload": "<path of µ-law bytes>",
-"host": "127.0.0.1"}`. Every 20 ms it sends one PCMU packet (RFC 3551 payload type 0, 160
-bytes) to each target from one socket, with each target's own SSRC, sequence number and
-timestamp, for `seconds`; then it prints what it did as JSON on stdout: packets sent,
+"host": "127.0.0.1", "ramp_s": r}`. Every 20 ms it sends one PCMU packet (RFC 3551 payload
+type 0, 160 bytes) to each target from one socket, with each target's own SSRC, sequence
+number and timestamp, for `seconds`; the targets' streams begin in order, spread over the
+first `ramp_s` (default 0: all at once). Then it prints what it did as JSON on stdout: packets sent,
 how late its own ticks were (a sender that falls behind would look like network jitter),
 and its CPU time.
 
@@ -87,10 +88,10 @@ class MmsgSender:
             hdr.iovlen = 1
         self._size = ctypes.sizeof(_Mmsghdr)
 
-    def send(self) -> tuple[int, int]:
-        """(sent, failed) for one tick."""
+    def send(self, count: int | None = None) -> tuple[int, int]:
+        """(sent, failed) for one tick, to the first `count` targets (all by default)."""
         sent = failed = 0
-        count = len(self._msgs)
+        count = len(self._msgs) if count is None else min(count, len(self._msgs))
         start = 0
         while start < count:
             n = min(BATCH, count - start)
@@ -113,6 +114,9 @@ def main() -> int:
     packets = Packets(len(targets))
     sender = MmsgSender(sock, packets, host, targets)
     ticks = int(seconds / PTIME)
+    # Streams begin one after another over the first `ramp_s`, as calls do, rather than all
+    # in the same 20 ms; each stream then runs until the end.
+    ramp_ticks = max(int(float(plan.get("ramp_s", 0.0)) / PTIME), 1)
     late: list[float] = []
     sent = errors = 0
     start = time.monotonic()
@@ -124,7 +128,7 @@ def main() -> int:
         late.append(max(time.monotonic() - due, 0.0))
         offset = (tick * SAMPLES) % (len(payload) - SAMPLES)
         packets.fill(tick, payload[offset:offset + SAMPLES])
-        ok, failed = sender.send()
+        ok, failed = sender.send(len(targets) * (tick + 1) // ramp_ticks)
         sent += ok
         errors += failed
     usage = resource.getrusage(resource.RUSAGE_SELF)
