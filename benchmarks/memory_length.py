@@ -31,7 +31,8 @@ import numpy as np
 
 from benchmarks import audio
 from benchmarks.common import WORK, print_table, rnd, verdict
-from benchmarks.server import HEADERS, Server, proc_status as _status
+from benchmarks.server import HEADERS, Server
+from benchmarks.server import proc_status as _status
 
 TITLE = "Memory against call length: peak RSS of a real server during one 1-minute and one 60-minute call"
 

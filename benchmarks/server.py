@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from mediaserver.tools.ports import free_port, free_udp_range
+from mediaserver.tools.ports import free_port
+from mediaserver.tools.serverproc import ServerProcess
 
 APP = {"id": "bench", "key": "bench-key"}
 HEADERS = {"X-App-ID": APP["id"], "X-API-Key": APP["key"]}
@@ -65,47 +61,14 @@ def tree_status(pid: int) -> dict[str, Any]:
     return total
 
 
-class Server:
-    """`python -m mediaserver serve` in its own data directory, on free ports, with `settings`
-    (the server's own names) on top of the defaults."""
+class Server(ServerProcess):
+    """The server in its own data directory under `work`, on free ports, with `settings`
+    (the server's own names) on top of the defaults; logging only warnings."""
 
     def __init__(self, work: Path, rtp_ports: tuple[int, int] | None = None, **settings: Any) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = work / f"data-{self.port}"
-        self.log = work / f"server-{self.port}.log"
-        rtp_min, rtp_max = rtp_ports or free_udp_range()
-        self.env = {
-            **os.environ,
-            "MEDIASERVER_DATA_DIR": str(self.data_dir),
-            "MEDIASERVER_HTTP_PORT": str(self.port),
-            "MEDIASERVER_PUBLIC_URL": self.base_url,
-            "MEDIASERVER_SIP_PORT": str(free_port()),
-            "MEDIASERVER_RTP_PORT_MIN": str(rtp_min),
-            "MEDIASERVER_RTP_PORT_MAX": str(rtp_max),
-            "MEDIASERVER_APPS": json.dumps([APP]),
-            "MEDIASERVER_COMMAND_COOLDOWN_S": "0",
-            "MEDIASERVER_LOG_LEVEL": "warning",
-            **{f"MEDIASERVER_{name.upper()}": str(value) for name, value in settings.items()},
-        }
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mediaserver", "serve"], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the server did not start in time")
+        settings.setdefault("log_level", "warning")
+        port = free_port()
+        super().__init__(work / f"data-{port}", [APP], port=port, rtp_ports=rtp_ports, **settings)
 
     def status(self) -> dict[str, Any]:
         return tree_status(self.proc.pid)
@@ -120,12 +83,3 @@ class Server:
                 name, _, value = line.rpartition(" ")
                 values[name] = float(value)
         return values
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
