@@ -1,4 +1,4 @@
-"""Injectable clocks: production code asks a `Clock`, tests drive a `FakeClock`."""
+"""Injectable clocks: production code and tests ask a `Clock`; the server runs on `SystemClock`."""
 
 from __future__ import annotations
 
@@ -20,22 +20,3 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, start: float = 1_000.0, wall: float = 1_800_000_000.0) -> None:
-        self._mono = start
-        self._offset = wall - start
-
-    def monotonic(self) -> float:
-        return self._mono
-
-    def time(self) -> float:
-        return self._mono + self._offset
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("a clock does not go backwards")
-        self._mono += seconds

@@ -25,14 +25,6 @@ class StorageError(MediaServerError):
     """A storage backend failed to write, publish or read an object."""
 
 
-class StateError(MediaServerError):
-    """An operation that the current state of a session or recording does not allow."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class ServiceError(MediaServerError):
     """A request the service refuses: HTTP status, stable error code, message."""
 

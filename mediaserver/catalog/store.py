@@ -230,10 +230,6 @@ class Catalog:
         with self._lock:
             return dict(self._db.execute("SELECT state, COUNT(*) FROM recordings GROUP BY state").fetchall())
 
-    def count_sessions_by_state(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._db.execute("SELECT state, COUNT(*) FROM sessions GROUP BY state").fetchall())
-
     # -- command idempotency ------------------------------------------------------------
 
     def command(self, session_uuid: str, command_uid: str) -> dict[str, Any] | None:

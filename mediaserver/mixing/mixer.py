@@ -138,9 +138,6 @@ class LegBuffer:
                 break
         return out, spans
 
-    def buffered(self) -> int:
-        return sum(len(samples) for _, samples in self._chunks)
-
 
 class Mixer:
     """All legs of one session at one sample rate, read out in aligned blocks."""

@@ -25,7 +25,6 @@ from mediaserver.config import Config
 from mediaserver.encoding import file_type
 from mediaserver.encoding.repair import repair
 from mediaserver.errors import ServiceError, StorageError
-from mediaserver.media import DtmfEvent
 from mediaserver.options import RecordingOptions
 from mediaserver.recorder.processor import LatenessHistogram, Processor, Result
 from mediaserver.recorder.remote import RemoteRtpMedia, RemoteSession, RemoteShard
@@ -215,9 +214,6 @@ class Engine:
     @property
     def processing_errors(self) -> int:
         return self.processor.errors + sum(shard.errors for shard in self.shards)
-
-    def post_dtmf(self, live: LiveSession, leg_id: str, event: DtmfEvent) -> None:
-        live.session.post(("dtmf", leg_id, event))
 
     def end_leg(self, live: LiveSession, leg_id: str) -> None:
         if leg_id in live.legs and leg_id not in live.ended_legs:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mediaserver.errors import ProtocolError
-from mediaserver.rtp.packet import RTCP_MUX_TYPES, RtcpPacket
+from mediaserver.rtp.packet import RtcpPacket, is_rtcp
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class RtpEndpoint(asyncio.DatagramProtocol):
             self.stats.foreign += 1
             return
         self._last_heard = now
-        if len(data) > 1 and data[1] in RTCP_MUX_TYPES:
+        if is_rtcp(data):
             self.rtcp_received(data)
             return
         try:
