@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
+
+
+def fresh_work(name: str) -> Path:
+    """`work/<name>`, emptied of what the last run of that benchmark left there."""
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
 RESULTS = HERE / "results"
 
 

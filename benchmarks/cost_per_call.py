@@ -7,12 +7,11 @@ with no call at all, and its RSS growth, are divided by N.
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
 from benchmarks import audio, rtp_load
-from benchmarks.common import WORK, print_table, rnd, verdict
+from benchmarks.common import fresh_work, print_table, rnd, verdict
 from benchmarks.server import Server
 
 TITLE = "Cost per call at N = 1, 10, 100, 1000 two-leg RTP calls: CPU and RSS per call, flat or not"
@@ -40,9 +39,7 @@ def idle_cores(work, settings: dict[str, Any]) -> float:
 
 def run(quick: bool) -> dict[str, Any]:
     steps, seconds = (QUICK_STEPS, QUICK_RUN_S) if quick else (STEPS, RUN_S)
-    work = WORK / "cost_per_call"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_work("cost_per_call")
     payload, _ = audio.speech_legs(work, 60)
     settings = rtp_load.server_settings()
     idle = idle_cores(work, settings)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -30,7 +29,7 @@ import aiohttp
 import numpy as np
 
 from benchmarks import audio
-from benchmarks.common import WORK, print_table, rnd, verdict
+from benchmarks.common import WORK, fresh_work, print_table, rnd, verdict
 from benchmarks.server import HEADERS, Server
 from benchmarks.server import proc_status as _status
 
@@ -240,9 +239,7 @@ def _calls(server: Server, sampler: Sampler, work: Path, calls: tuple[int, ...],
 
 def run(quick: bool) -> dict[str, Any]:
     calls = QUICK_CALLS_MIN if quick else CALLS_MIN
-    work = WORK / "memory_length"
-    shutil.rmtree(work, ignore_errors=True)  # the servers' data directories of the last run
-    work.mkdir(parents=True)
+    work = fresh_work("memory_length")
     server = Server(work)
     print(f"memory_length: server on {server.base_url}; a {WARMUP_S} s warm-up, then calls of "
           f"{', '.join(f'{m} min' for m in calls)}", flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks import audio
-from benchmarks.common import WORK, print_table, rnd, verdict
+from benchmarks.common import fresh_work, print_table, rnd, verdict
 from benchmarks.server import HEADERS, Server
 
 TITLE = "End to end: N concurrent two-leg RTP calls recorded to MP3, ramped; drops, tick lateness, CPU and RSS per call"
@@ -224,9 +223,7 @@ def server_settings() -> dict[str, Any]:
 
 def run(quick: bool) -> dict[str, Any]:
     ramp, seconds = (QUICK_RAMP, QUICK_RUN_S) if quick else (RAMP, RUN_S)
-    work = WORK / "rtp_load"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_work("rtp_load")
     payload, _ = audio.speech_legs(work, 60)
     settings = server_settings()
     rows = []

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+from servers import Server, free_port
 
 from mediaserver.api.keys import SERVICES
-from servers import Server, free_port
 
 FIXTURES = Path(__file__).resolve().parent.parent / "sip_fixtures"
 SCENARIOS = FIXTURES / "scenarios"
@@ -74,6 +74,16 @@ async def run_sipp(server: Server, scenario_file: Path, cwd: Path, *, transport:
 def sender_sets(**wavs: Path) -> dict[str, object]:
     """SIPp variables for scenarios that run tests/rtp_sender.py."""
     return {"python": sys.executable, "sender": SENDER, **{name: str(path) for name, path in wavs.items()}}
+
+
+async def first_call(server: Server, timeout: float = 4.0) -> str:
+    """The session UUID of the one SIP call the server has, once it has one."""
+    sip = server.app[SERVICES]["sip"]
+    deadline = time.monotonic() + timeout
+    while not sip.calls and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    [uuid] = list(sip.calls)
+    return uuid
 
 
 class LegWatcher:

@@ -9,12 +9,21 @@ import struct
 
 import numpy as np
 import pytest
-
 from audio import best_lag, noise, tone, write_wav
+from servers import Server, free_udp_range
+from sip_peers import (
+    PCAPS,
+    LegWatcher,
+    first_call,
+    recordings,
+    run_sipp,
+    scenario,
+    sender_sets,
+    sipp_available,
+)
+
 from mediaserver.api.keys import SERVICES
 from mediaserver.codecs import g711
-from servers import Server, free_udp_range
-from sip_peers import PCAPS, LegWatcher, recordings, run_sipp, scenario, sender_sets, sipp_available
 
 pytestmark = pytest.mark.skipif(not sipp_available(), reason="SIPp (sip-tester) is not installed")
 
@@ -92,12 +101,7 @@ async def test_record_policy_api_waits_for_record_start(tmp_path):
     path = scenario(tmp_path, "uac_pcmu_rtpstream.xml", ulaw_file=ulaw_file(tmp_path, sent))
     async with Server(tmp_path, record_policy="api") as server:
         sipp = asyncio.create_task(run_sipp(server, path, tmp_path, sets={"call_ms": 3100}))
-        sip = server.app[SERVICES]["sip"]
-        for _ in range(200):
-            if sip.calls:
-                break
-            await asyncio.sleep(0.02)
-        [uuid] = list(sip.calls)
+        uuid = await first_call(server)
         await asyncio.sleep(1.0)
         _, session, _ = await server.api("GET", f"/api/v1/sessions/{uuid}")
         assert (session["source"], session["recording_id"]) == ("sip", None)
@@ -156,12 +160,7 @@ async def test_server_hangs_up_when_the_session_is_deleted(tmp_path):
     path = scenario(tmp_path, "uac_server_hangup.xml", ulaw_file=ulaw_file(tmp_path, tone(440, 1.0)))
     async with Server(tmp_path, record_policy="all") as server:
         sipp = asyncio.create_task(run_sipp(server, path, tmp_path, timeout_s=20))
-        sip = server.app[SERVICES]["sip"]
-        for _ in range(200):
-            if sip.calls:
-                break
-            await asyncio.sleep(0.02)
-        [uuid] = list(sip.calls)
+        uuid = await first_call(server)
         await asyncio.sleep(1.0)
         status, _, _ = await server.api("DELETE", f"/api/v1/sessions/{uuid}")
         assert status == 202
