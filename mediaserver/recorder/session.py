@@ -149,8 +149,9 @@ class Session:
         """Ingest side: one codec payload (None for a lost one) placed at `pts`.
 
         `decoder` belongs to the leg's stream and is used only on the processing thread.
+        Called for every packet, so it queues directly rather than through `post`.
         """
-        self.post(("encoded", leg_id, payload, pts, decoder))
+        self.inbox.append(("encoded", leg_id, payload, pts, decoder))
 
     def end_leg(self, leg_id: str, at_mono: float) -> None:
         self.post(("end", leg_id, at_mono))
