@@ -10,7 +10,7 @@ import pytest
 import mediaserver
 
 LAYERS = {
-    "errors": 1, "config": 1, "clock": 1, "media": 1, "options": 1, "ids": 1, "tasks": 1,
+    "errors": 1, "config": 1, "clock": 1, "media": 1, "options": 1, "ids": 1, "tasks": 1, "jsonsafe": 1,
     "codecs": 2, "dsp": 2, "rtp": 2, "sip": 2,
     "mixing": 3, "encoding": 3, "ws": 3, "webrtc": 3,
     "storage": 4, "webhooks": 4, "catalog": 4,

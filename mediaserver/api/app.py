@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator
+import re
+import sys
+from typing import Any, AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mediaserver.api import ingest_ws, ops, recordings, sessions, telephony, whip
 from mediaserver.api.auth import authenticate
@@ -63,6 +66,43 @@ async def auth_middleware(request: web.Request, handler):
     if path.startswith("/api/") or path.startswith("/v1/"):
         request[CALLER] = authenticate(request.app[CONFIG], request)
     return await handler(request)
+
+
+class HttpServerLog(logging.LoggerAdapter):
+    """The log aiohttp's request handler writes to (`logger=` of `web.run_app`).
+
+    aiohttp reports a request its HTTP parser refuses, and a peer that hangs up while a
+    response is being written, with a traceback (or, for a first request that is not
+    HTTP at all, at debug level only). Both are the peer's doing, not a server fault: they
+    become one WARNING line with the peer's address. Everything else passes unchanged,
+    so a genuine failure in the server stays an ERROR with its traceback.
+    """
+
+    PEER_FAULTS = (HttpProcessingError, ConnectionError)
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        super().__init__(logger or logging.getLogger("aiohttp.server"), {})
+
+    def log(self, level: int, msg: Any, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        exc = _exception_of(exc_info)
+        if isinstance(exc, self.PEER_FAULTS):
+            text = (msg % args if args else str(msg)).replace("Error handling request", "refused a request")
+            self.logger.warning("%s (%s)", text, _one_line(exc), **kwargs)
+            return
+        self.logger.log(level, msg, *args, exc_info=exc_info, **kwargs)
+
+
+def _exception_of(exc_info: Any) -> BaseException | None:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple):
+        return exc_info[1]
+    return sys.exc_info()[1] if exc_info else None
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = re.sub(r"\s+", " ", f"{type(exc).__name__}: {exc}").strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def make_storage(config: Config, clock):

@@ -14,6 +14,7 @@ import json
 
 from aiohttp import web
 
+from mediaserver import jsonsafe
 from mediaserver.config import App, Config
 from mediaserver.errors import ServiceError
 
@@ -41,9 +42,22 @@ def app_from_headers(config: Config, request: web.Request) -> App | None:
     return _by_key(config, key, app_id)
 
 
+def header_bytes(value: str) -> bytes:
+    """A header value as the bytes that came on the wire, to compare in constant time.
+    aiohttp decodes headers as UTF-8 with surrogateescape, which this undoes; any other
+    lone surrogate is kept by surrogatepass, so that no text fails to encode."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
 def _by_key(config: Config, key: str, app_id: str | None) -> App:
-    for app in config.apps:
-        if hmac.compare_digest(app.key.encode(), key.encode()) and (app_id is None or app.id == app_id):
+    sent = header_bytes(key)
+    # Every app's key is compared, so the time taken does not tell which one came close.
+    matches = [app for app in config.apps if hmac.compare_digest(app.key.encode(), sent)]
+    for app in matches:
+        if app_id is None or header_bytes(app.id) == header_bytes(app_id):
             return app
     raise _unauthorized("wrong credentials")
 
@@ -61,18 +75,23 @@ def make_token(secret: str, app_id: str, session_uuid: str, expires: int) -> str
 
 
 def _mac(secret: str, payload: str) -> str:
-    return hmac.new(secret.encode(), f"{TOKEN_VERSION}.{payload}".encode(), hashlib.sha256).hexdigest()[:40]
+    return hmac.new(secret.encode(), header_bytes(f"{TOKEN_VERSION}.{payload}"), hashlib.sha256).hexdigest()[:40]
 
 
 def check_token(config: Config, token: str, session_uuid: str, now: float) -> App:
     """The app a valid, unexpired token for `session_uuid` was issued to, else 401."""
-    try:
-        version, payload, mac = token.split(".")
-        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, TypeError):
-        raise _unauthorized("malformed ingest token") from None
-    if version != TOKEN_VERSION or not hmac.compare_digest(_mac(config.secret_key, payload), mac):
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise _unauthorized("malformed ingest token")
+    version, payload, mac = parts
+    # The signature is checked before the payload is decoded, so only text this server
+    # signed ever reaches the JSON parser.
+    if version != TOKEN_VERSION or not hmac.compare_digest(_mac(config.secret_key, payload).encode(), header_bytes(mac)):
         raise _unauthorized("invalid ingest token")
+    try:
+        data = jsonsafe.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode())
+    except ValueError:  # bad base64, not UTF-8, not JSON
+        raise _unauthorized("malformed ingest token") from None
     if not isinstance(data, dict) or data.get("s") != session_uuid:
         raise _unauthorized("the ingest token is for another session")
     if not isinstance(data.get("e"), int) or data["e"] < now:

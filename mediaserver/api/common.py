@@ -8,9 +8,11 @@ from typing import Any
 
 from aiohttp import web
 
+from mediaserver import jsonsafe
 from mediaserver.errors import ServiceError
 
 MAX_PAGE = 500
+MAX_OFFSET = 2**63 - 1  # SQLite's largest INTEGER
 
 
 def iso(ts: float | None) -> str | None:
@@ -42,8 +44,8 @@ def paging(request: web.Request, default: int = 50) -> tuple[int, int]:
         offset = int(request.query.get("offset", 0))
     except ValueError:
         raise ServiceError(400, "request.invalid_query", "limit and offset must be integers") from None
-    if not 1 <= limit <= MAX_PAGE or offset < 0:
-        raise ServiceError(400, "request.invalid_query", f"limit must be 1..{MAX_PAGE} and offset ≥ 0")
+    if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
+        raise ServiceError(400, "request.invalid_query", f"limit must be 1..{MAX_PAGE} and offset 0..{MAX_OFFSET}")
     return limit, offset
 
 
@@ -58,9 +60,21 @@ async def json_body(request: web.Request, *, optional: bool = True) -> Any:
         if optional:
             return None
         raise ServiceError(400, "request.invalid_json", "a JSON body is required")
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """An untrusted JSON document (UTF-8, -16 or -32, as RFC 8259 §8.1 allows), bounded in
+    depth before it is parsed; anything else is a 400 `request.invalid_json`."""
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return jsonsafe.loads(raw.decode(json.detect_encoding(raw)))
+    except UnicodeDecodeError as exc:
+        raise ServiceError(400, "request.invalid_json", f"the body is not valid JSON: {exc.reason} at byte {exc.start}") from None
+    except jsonsafe.JsonDepthError as exc:
+        raise ServiceError(400, "request.invalid_json", f"the body is nested too deep: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ServiceError(400, "request.invalid_json", f"the body is not valid JSON: {exc}") from None
+    except ValueError as exc:  # JsonNumberError, or an integer of too many digits
         raise ServiceError(400, "request.invalid_json", f"the body is not valid JSON: {exc}") from None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mediaserver import config as config_module
-from mediaserver.api.app import make_app
+from mediaserver.api.app import HttpServerLog, make_app
 from mediaserver.recorder.processor import tune_malloc
 
 log = logging.getLogger("mediaserver")
@@ -34,6 +34,6 @@ def serve(config_path: Path | None, environ=None) -> int:
     log.info("storage %s, data in %s, API on %s", config.storage, config.data_dir.resolve(), config.base_url)
     _event_loop_policy()
     tune_malloc()
-    web.run_app(make_app(config), host=config.http_host, port=config.http_port, print=None,
+    web.run_app(make_app(config), host=config.http_host, port=config.http_port, print=None, logger=HttpServerLog(),
                 access_log=None if config.log_level != "debug" else logging.getLogger("aiohttp.access"))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,8 @@ from mediaserver.encoding import wav_header
 from mediaserver.errors import ServiceError
 from mediaserver.recorder.commands import run_command
 from mediaserver.recorder.engine import Engine, LiveSession
+
+log = logging.getLogger(__name__)
 
 LIVE_WAV_QUEUE = 256  # blocks a slow reader may fall behind before it is cut off
 
@@ -137,14 +140,17 @@ async def live_wav(request: web.Request) -> web.StreamResponse:
 
     response = web.StreamResponse(headers={"Content-Type": "audio/wav", "Cache-Control": "no-store"})
     await response.prepare(request)
-    await response.write(wav_header(rec.options.sample_rate, rec.options.channels, 0xFFFFFFFF))
     engine.add_tap(live, tap)
     try:
+        await response.write(wav_header(rec.options.sample_rate, rec.options.channels, 0xFFFFFFFF))
         while (chunk := await queue.get()) is not None:
             await response.write(chunk)
+        await response.write_eof()
+    except ConnectionError as exc:
+        # A listener hanging up is how a live stream usually ends, not a server fault.
+        log.warning("live WAV of session %s: reader %s went away (%s)", live.uuid, request.remote, type(exc).__name__)
     finally:
         engine.remove_tap(live, tap)
-    await response.write_eof()
     return response
 
 

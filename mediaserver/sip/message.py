@@ -29,6 +29,8 @@ _CANONICAL = {name.lower(): name for name in (
 _TOKEN = re.compile(r"^[A-Za-z0-9.!%*_+`'~-]+$")  # RFC 3261 §25.1 token
 _STATUS_LINE = re.compile(r"^SIP/2\.0 ([1-6]\d\d)(?: (.*))?$")
 _REQUEST_LINE = re.compile(r"^(\S+) (\S+) (SIP/\d+\.\d+)$")
+# ASCII digits only, and few enough for int(): str.isdigit() also takes "²" and "١".
+_NUMBER = re.compile(r"[0-9]{1,10}")
 _MULTI_VALUED = ("via", "contact", "record-route", "route", "allow", "supported", "require", "accept")
 
 
@@ -216,7 +218,7 @@ def _host_port(text: str, where: str) -> tuple[str, int | None]:
     if not host:
         raise SipHeaderError(f"Malformed host in {where}")
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not _NUMBER.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise SipHeaderError(f"Malformed port in {where}")
         return host, int(port_text)
     return host, None
@@ -251,7 +253,7 @@ class SipMessage:
         """(number, method) of the CSeq header (§20.16)."""
         value = self.headers.get("CSeq")
         parts = value.split() if value else []
-        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) > MAX_CSEQ or not _TOKEN.match(parts[1]):
+        if len(parts) != 2 or not _NUMBER.fullmatch(parts[0]) or int(parts[0]) > MAX_CSEQ or not _TOKEN.match(parts[1]):
             raise SipHeaderError("Malformed CSeq header" if value else "Missing CSeq header")
         return int(parts[0]), parts[1]
 
@@ -295,7 +297,7 @@ class SipRequest(SipMessage):
         if method != self.method:
             raise SipHeaderError("CSeq method does not match the request")
         forwards = self.headers.get("Max-Forwards")
-        if forwards is not None and (not forwards.strip().isdigit() or int(forwards) > 255):
+        if forwards is not None and (not _NUMBER.fullmatch(forwards.strip()) or int(forwards) > 255):
             raise SipHeaderError("Malformed Max-Forwards header")
         SipUri.parse(self.uri)
 
@@ -369,7 +371,7 @@ def _body(headers: Headers, body: bytes) -> bytes:
     length = headers.get("Content-Length")
     if length is None:
         return body  # §18.3: optional over UDP, where the datagram delimits the message
-    if not length.isdigit():
+    if not _NUMBER.fullmatch(length):
         raise SipHeaderError("Malformed Content-Length header")
     if int(length) > len(body):
         raise SipHeaderError("Content-Length exceeds the message body")

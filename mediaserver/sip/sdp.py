@@ -27,6 +27,8 @@ MAX_SDP_BYTES = 65536
 _ANSWER_DIRECTION = {"sendrecv": "recvonly", "sendonly": "recvonly", "recvonly": "inactive", "inactive": "inactive"}
 _LINE = re.compile(r"^([a-z])=(.*)$")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+$")
+# ASCII digits only, and few enough for int(): str.isdigit() also takes "²" and "١".
+_NUMBER = re.compile(r"[0-9]{1,20}")
 
 
 class SdpError(ProtocolError):
@@ -81,7 +83,7 @@ class Origin:
         parts = value.split()
         if len(parts) != 6:
             raise SdpError(f"SDP o= line needs 6 fields, has {len(parts)}: {value!r}")
-        if not parts[1].isdigit() or not parts[2].isdigit():
+        if not _NUMBER.fullmatch(parts[1]) or not _NUMBER.fullmatch(parts[2]):
             raise SdpError(f"SDP o= session id and version must be numbers: {value!r}")
         return cls(parts[0], parts[1], int(parts[2]), Connection.parse(" ".join(parts[3:]), "o= line's"))
 
@@ -122,7 +124,7 @@ class Media:
         """Payload type → (encoding name, clock rate, channels) from a=rtpmap lines."""
         found = {}
         for value in self.attribute_values("rtpmap"):
-            match = re.match(r"^(\d+)\s+([^/\s]+)/(\d+)(?:/(\d+))?\s*$", value)
+            match = re.match(r"^([0-9]{1,20})\s+([^/\s]+)/([0-9]{1,20})(?:/([0-9]{1,20}))?\s*$", value)
             if match is None:
                 raise SdpError(f"SDP a=rtpmap is not '<pt> <name>/<rate>[/<channels>]': {value!r}")
             found[int(match[1])] = (match[2], int(match[3]), int(match[4] or 1))
@@ -299,9 +301,9 @@ def _media_line(number: int, value: str) -> Media:
         raise SdpError(f"SDP line {number}: m= needs <media> <port> <proto> <format>...: {value!r}")
     kind, port_text, proto, formats = parts[0], parts[1], parts[2], parts[3:]
     port_part, slash, count = port_text.partition("/")
-    if not port_part.isdigit() or int(port_part) > 65535 or (slash and not count.isdigit()):
+    if not _NUMBER.fullmatch(port_part) or int(port_part) > 65535 or (slash and not _NUMBER.fullmatch(count)):
         raise SdpError(f"SDP line {number}: m= port is not a port number: {port_text!r}")
-    if proto in RTP_PROFILES and not all(f.isdigit() and int(f) <= 127 for f in formats):
+    if proto in RTP_PROFILES and not all(_NUMBER.fullmatch(f) and int(f) <= 127 for f in formats):
         raise SdpError(f"SDP line {number}: RTP payload types must be numbers 0..127: {' '.join(formats)!r}")
     return Media(kind, int(port_part), proto, formats, int(count) if slash else None)
 

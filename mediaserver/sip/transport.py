@@ -18,7 +18,7 @@ from mediaserver.sip.message import MAX_MESSAGE_BYTES
 
 MAX_TCP_CONNECTIONS = 4096
 MAX_ADDRESSES = 4096  # remote hosts whose facing local address is remembered
-_CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([0-9]{1,10})[ \t]*$", re.IGNORECASE | re.MULTILINE)
 _KEEPALIVE = b"\r\n\r\n"  # RFC 5626 §4.4.1: a double CRLF ping, answered by one CRLF
 
 

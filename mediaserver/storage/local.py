@@ -122,4 +122,6 @@ class LocalStorage:
         except ValueError:
             return False
         expected = self._signature(key, when, filename, content_type)
-        return hmac.compare_digest(expected, signature) and when >= self._clock.time()
+        # As bytes: compare_digest refuses str with non-ASCII characters, and a URL may carry any.
+        sent = signature.encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(expected.encode(), sent) and when >= self._clock.time()

@@ -25,8 +25,8 @@ DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")  # RFC 3264 §5.1
 SENDING = ("sendrecv", "sendonly")
 
 _LINE = re.compile(r"^([a-z])=(.*)$")
-_MEDIA = re.compile(r"^(\S+) (\d+)(?:/\d+)? (\S+)((?: \S+)+)$")
-_RTPMAP = re.compile(r"^(\d+) ([A-Za-z0-9_.+-]+)/(\d+)(?:/(\d+))?$")
+_MEDIA = re.compile(r"^(\S+) ([0-9]{1,10})(?:/[0-9]{1,10})? (\S+)((?: \S+)+)$")
+_RTPMAP = re.compile(r"^([0-9]{1,10}) ([A-Za-z0-9_.+-]+)/([0-9]{1,10})(?:/([0-9]{1,10}))?$")
 _FINGERPRINT = re.compile(r"^\S+ [0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})+$")
 _SESSION_ATTRIBUTES = ("ice-ufrag", "ice-pwd", "fingerprint", "setup")
 
@@ -112,7 +112,7 @@ def _media_line(number: int, value: str) -> MediaSection:
         raise OfferError(f"SDP line {number}: port {port} is out of range")
     if kind in ("audio", "video") and "RTP" in proto:
         for fmt in formats:
-            if not fmt.isdigit() or int(fmt) > 127:
+            if not (fmt.isascii() and fmt.isdigit()) or len(fmt) > 3 or int(fmt) > 127:
                 raise OfferError(f"SDP line {number}: RTP payload type {fmt!r} is not 0..127 (RFC 3550 §5.1)")
     return MediaSection(kind, port, proto, formats)
 

@@ -17,6 +17,7 @@ import json
 from enum import IntEnum
 from typing import Any
 
+from mediaserver.jsonsafe import JsonDepthError, JsonNumberError, loads as bounded_json
 from mediaserver.errors import ProtocolError
 from mediaserver.media import DTMF_DIGITS
 
@@ -85,13 +86,15 @@ def parse_json_object(text: str, max_bytes: int) -> JsonFields:
     """A text frame's JSON object, after checking its size; anything else is a 1007 error."""
     check_frame_size("text", len(text.encode("utf-8", "surrogatepass")), max_bytes)
     try:
-        value = json.loads(text)
+        value = bounded_json(text)
     except json.JSONDecodeError as exc:
         raise WsProtocolError(CloseCode.INVALID_PAYLOAD, f"invalid JSON: {exc.msg} at offset {exc.pos}") from None
-    except RecursionError:
+    except JsonDepthError:
         raise WsProtocolError(CloseCode.INVALID_PAYLOAD, "invalid JSON: nested too deeply") from None
+    except JsonNumberError as exc:
+        raise WsProtocolError(CloseCode.INVALID_PAYLOAD, f"invalid JSON: {exc}") from None
     except ValueError:
-        # The only other failure of json.loads on a str: an integer of more digits than
+        # The only other failure: an integer of more digits than
         # sys.get_int_max_str_digits() allows.
         raise WsProtocolError(CloseCode.INVALID_PAYLOAD, "invalid JSON: number has too many digits") from None
     if not isinstance(value, dict):
