@@ -9,8 +9,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from audio import best_lag, correlation, read_audio, speech, tone
+from audio import best_lag, correlation, noise, read_audio, speech, tone
 from mediaserver.codecs.g711 import encode_ulaw
+from serverproc import ServerProcess
 from servers import APP1, APP2, Server
 
 pytestmark = pytest.mark.timeout(90)
@@ -208,11 +209,11 @@ async def test_a_fast_sender_is_held_back_from_its_very_first_frame(server):
     live = server.engine.sessions[session["uuid"]]
     backlog = []
 
-    async def watch():
+    async def watch():  # every turn of the event loop: the whole stream may be read within milliseconds
         while True:
             for leg_id in list(live.legs):
                 backlog.append(server.engine.backlog_seconds(live, leg_id))
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0)
 
     watcher = asyncio.create_task(watch())
     try:
@@ -228,3 +229,82 @@ async def test_a_fast_sender_is_held_back_from_its_very_first_frame(server):
             await watcher
     # The server never held more than the backlog limit (2 s) plus the frame in hand.
     assert 1.0 <= max(backlog) <= 3.0
+
+
+async def wait_mixed(server, live, leg_ids: list[str], samples: int, timeout: float = 30.0) -> None:
+    """Until the server has read `samples` of every leg from the socket and mixed them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while any(live.session.inputs[leg_id].posted < samples or server.engine.backlog_seconds(live, leg_id) for leg_id in leg_ids):
+        assert loop.time() < deadline, "the server did not read and mix the whole stream"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("message_ms", [1000, 20])
+async def test_a_fast_stream_is_mixed_as_fast_as_it_is_read_and_stops_at_once(tmp_path, workers, message_ms):
+    audio = noise(60.0, dbfs=-20)
+    data = audio.astype("<i2").tobytes()
+    step = message_ms * 16  # bytes of L16 at 8 kHz
+    loop = asyncio.get_running_loop()
+    async with Server(tmp_path, workers=workers) as server:
+        session = await server.create_session()
+        live = server.engine.sessions[session["uuid"]]
+        async with aiohttp.ClientSession() as http, http.ws_connect(session["ingest"]["wavstream"]["caller"]) as ws:
+            await ws.send_json({"event": "start", "encoding": "L16", "sample_rate": 8000, "channels": 1})
+            rid = await start_recording(server, session["uuid"])
+            for start in range(0, len(data), step):  # all at once
+                await ws.send_bytes(data[start:start + step])
+            await wait_mixed(server, live, list(live.legs), len(audio))
+            stopped = loop.time()
+            status, _ = await server.command(session["uuid"], "stop")
+            assert status == 202
+            meta = await server.wait_recording(rid, timeout=30)
+            took = loop.time() - stopped
+            await ws.send_json({"event": "stop"})
+        assert took < 5, f"completed {took:.1f} s after the stop"
+        path = tmp_path / "fast.wav"
+        path.write_bytes(await server.download(rid))
+    pcm, _ = read_audio(path)
+    # The file is the stream, sample for sample, after the moment between record/start and
+    # its first message; nothing after it (the stop came once all of it was read).
+    lead = len(pcm) - len(audio)
+    assert 0 <= lead < 4000
+    assert not pcm[:lead, 0].any()
+    assert np.array_equal(pcm[lead:, 0], audio)
+    assert meta["duration"] == pytest.approx(len(pcm) / 8000, abs=1e-6)
+    assert meta["legs"][0]["audio_ms"] == 60000.0
+
+
+async def test_an_hour_pushed_fast_keeps_the_server_memory_flat(tmp_path):
+    second = tone(250, 1.0, dbfs=-20).astype("<i2").tobytes()
+    headers = {"X-App-ID": APP1["id"], "X-API-Key": APP1["key"]}
+    rss = []
+    with ServerProcess(tmp_path / "data") as server:
+        async with aiohttp.ClientSession(server.base_url, headers=headers) as http:
+            async with http.post("/api/v1/sessions") as response:
+                session = await response.json()
+            async with http.ws_connect(session["ingest"]["wavstream"]["caller"]) as ws:
+                await ws.send_json({"event": "start", "encoding": "L16", "sample_rate": 8000, "channels": 1})
+                async with http.post(f"/api/v1/sessions/{session['uuid']}/commands/record/start", json={}) as response:
+                    rid = (await response.json())["recording_id"]
+                for pushed in range(3600):
+                    await ws.send_bytes(second)
+                    if pushed % 300 == 0:
+                        rss.append(server.rss_kib())
+                await ws.send_json({"event": "stop"})
+                await ws.receive()
+                rss.append(server.rss_kib())
+            async with http.post(f"/api/v1/sessions/{session['uuid']}/commands/record/stop", json={}) as response:
+                assert response.status == 202
+            for _ in range(600):
+                async with http.get(f"/api/v1/recordings/{rid}") as response:
+                    meta = await response.json()
+                if meta["state"] == "completed":
+                    break
+                await asyncio.sleep(0.05)
+    assert meta["state"] == "completed" and meta["legs"][0]["audio_ms"] == 3600000.0
+    # After the first five minutes (encoder, buffers and allocator warmed up) an hour of
+    # audio read as fast as it comes costs no more memory than the first minutes did.
+    print(f"server RSS while an hour was pushed (KiB, every 300 s): {rss}")
+    assert max(rss[1:]) - rss[1] < 16 * 1024

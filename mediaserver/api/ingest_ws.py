@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from mediaserver import ids
 from mediaserver.api.auth import ingest_app
@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 ROLE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 BACKLOG_LIMIT_S = 2.0  # how far a fast stream may run ahead of the mix
+THROTTLE_MAX_S = 60.0  # a stream whose mix does not move is read on after this long
 MAX_FRAME_BYTES = 64 * 1024
+# aiohttp refuses a frame by its declared length, before buffering it, above this; below
+# it the parsers refuse anything over MAX_FRAME_BYTES with the frame's kind and size.
+READ_LIMIT_BYTES = 4 * MAX_FRAME_BYTES
 
 
 def _session_for_ingest(engine: Engine, app_id: str, uuid: str, source: str, catalog) -> tuple[LiveSession, bool]:
@@ -37,8 +41,21 @@ def _session_for_ingest(engine: Engine, app_id: str, uuid: str, source: str, cat
     return engine.create_session(app_id, source, uuid), True
 
 
+class _IngestSocket(web.WebSocketResponse):
+    """A WebSocket whose every close carries a reason.
+
+    aiohttp closes a frame above its own `max_msg_size` with 1009 and an empty reason
+    before the handler sees the frame; this names the limit instead.
+    """
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = f"frame of {READ_LIMIT_BYTES} bytes or more exceeds the {MAX_FRAME_BYTES}-byte limit".encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
 async def _prepare(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES * 2, heartbeat=30, autoping=True)
+    ws = _IngestSocket(max_msg_size=READ_LIMIT_BYTES, heartbeat=30, autoping=True)
     await ws.prepare(request)
     return ws
 
@@ -61,13 +78,28 @@ async def _refuse(ws: web.WebSocketResponse, engine: Engine, exc: WsProtocolErro
 
 
 async def _throttle(engine: Engine, live: LiveSession, leg_ids) -> None:
-    """Wait while any leg of this socket is far ahead of what the engine has mixed."""
+    """Wait while any leg of this socket is far ahead of what the engine has mixed.
+
+    The session is hurried (processed at once, not at its turn) and the wait ends as soon
+    as a turn of it has been reported. While a turn mixes more than the time it took, the
+    next follows at once, so a stream faster than real time is mixed as fast as the
+    processing goes, whatever its message size; when the clock holds the mix (another leg
+    sends in real time) the wait goes a tick at a time.
+    """
+    loop = asyncio.get_running_loop()
     tick = engine.config.tick_ms / 1000
-    for _ in range(int(60 / tick)):
-        if live.ending or all(engine.backlog_seconds(live, leg) <= BACKLOG_LIMIT_S for leg in leg_ids):
-            return
-        live.session.hurry = True  # a fast stream is mixed as fast as it comes, not at the call's turn
-        await asyncio.sleep(tick)
+    deadline = loop.time() + THROTTLE_MAX_S
+    backlog, since = _backlog(engine, live, leg_ids), loop.time()
+    while backlog > BACKLOG_LIMIT_S and not live.ending and loop.time() < deadline:
+        await engine.wait_mixed(live, tick)
+        was, backlog = backlog, _backlog(engine, live, leg_ids)
+        if was - backlog <= loop.time() - since:
+            await asyncio.sleep(tick)
+        since = loop.time()
+
+
+def _backlog(engine: Engine, live: LiveSession, leg_ids) -> float:
+    return max((engine.backlog_seconds(live, leg) for leg in leg_ids), default=0.0)
 
 
 # -- wavstream ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from mediaserver.recorder.session import Session
 from mediaserver.recorder.spec import RecordingSpec
 from mediaserver.rtp.endpoint import PortPool
 from mediaserver.storage import Storage, Upload, object_key
+from mediaserver.storage.spool import read_checkpoint, remove_checkpoint
 from mediaserver.tasks import cancel_and_wait
 from mediaserver.webhooks import Outbox
 
@@ -54,6 +55,7 @@ class LiveRecording:
     upload: Upload
     content_type: str
     command_uid: str | None
+    spool: Path | None = None
     state: str = "initiated"  # as commands have been accepted: recording, paused, stopping
     pumping: bool = False
 
@@ -73,6 +75,8 @@ class LiveSession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ending: bool = False
     idle_since: float | None = None  # monotonic time since when it has had no live leg or recording
+    progressed: asyncio.Event = field(default_factory=asyncio.Event)  # set when a turn of it is reported
+    hurried: bool = False  # asked to be processed now, and no turn reported since
     on_end: list[Callable[[], Any]] = field(default_factory=list)
 
 
@@ -232,6 +236,22 @@ class Engine:
         leg = live.session.inputs.get(leg_id)
         return leg.backlog / leg.posted_rate if leg is not None and leg.posted_rate else 0.0
 
+    async def wait_mixed(self, live: LiveSession, timeout: float) -> None:
+        """Have the session processed now, not at its turn, and wait (at most `timeout`)
+        until a turn of it has been reported, which moves its legs' backlog."""
+        live.progressed.clear()
+        if not live.hurried:  # one request per turn, however many sockets of it wait
+            live.hurried = True
+            if isinstance(live.session, RemoteSession):
+                live.session.hurry = True
+            else:
+                self.processor.hurry(live.session)
+        try:
+            async with asyncio.timeout(timeout):
+                await live.progressed.wait()
+        except TimeoutError:
+            live.hurried = False  # no turn came of it: ask again next time
+
     async def end_session(self, uuid: str) -> None:
         """Hang up: legs end, the recording finishes with `hangup` and is stored."""
         live = self.sessions.get(uuid)
@@ -256,7 +276,7 @@ class Engine:
             options=options.to_dict(), content_type=content_type, storage_key=key,
             spool_path=str(spool_path), created_at=now, command_uid=command_uid)
         upload = self.storage.begin(key, spool_path, content_type)
-        rec = LiveRecording(rid, live.app_id, live.uuid, options, key, upload, content_type, command_uid)
+        rec = LiveRecording(rid, live.app_id, live.uuid, options, key, upload, content_type, command_uid, spool_path)
         spec = RecordingSpec(rid, options, str(spool_path), self.config.mp3_quality, self.config.opus_complexity,
                              self.config.wav_buffer_ms, self.config.silence_threshold_dbfs)
         live.recording = live.recordings[rid] = rec
@@ -276,6 +296,8 @@ class Engine:
             live = self.sessions.get(result.uuid)
             if live is None:
                 continue
+            live.progressed.set()
+            live.hurried = False
             self._handle(live, result.events)
             if result.ended:
                 self._session_ended(live)
@@ -395,6 +417,8 @@ class Engine:
         """The recording is closed (its spool final): store it and say so."""
         duration = summary["duration"]
         self.catalog.update_recording(rec.id, state="processing", duration=duration, legs=summary["legs"], error=summary.get("error"))
+        if rec.spool is not None:
+            await asyncio.to_thread(remove_checkpoint, rec.spool)  # the catalog has the final legs
         while rec.pumping:
             await asyncio.sleep(0.05)
         await self.finish_upload(rec.id, rec.app_id, rec.upload, duration)
@@ -472,9 +496,16 @@ class Engine:
     # -- recovery ----------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """After a restart: finish every recording that was not yet stored."""
+        """After a restart: end the sessions the stop ended (announcing it, once: the next
+        restart finds them ended) and finish every recording that was not yet stored."""
         for row in self.catalog.active_sessions():
-            self.catalog.update_session(row["uuid"], state="ended", ended_at=self.clock.time())
+            now = self.clock.time()
+            # Queued before the state changes: a crash in between announces it twice, never not at all.
+            self.outbox.emit(row["app_id"], "session.ended", {"session_uuid": row["uuid"]})
+            for leg in self.catalog.legs(row["uuid"]):
+                if leg["ended_at"] is None:
+                    self.catalog.update_leg(leg["leg_id"], ended_at=now)
+            self.catalog.update_session(row["uuid"], state="ended", ended_at=now)
         for row in self.catalog.recordings_in(ACTIVE_STATES):
             self._spawn(self._recover(row), f"recover-{row['id']}")
 
@@ -506,9 +537,18 @@ class Engine:
             return
         duration = await asyncio.to_thread(repair, row["format"], spool, row["sample_rate"], row["channels"], row["bitrate"])
         interrupted = row["state"] != "processing"
+        # An interrupted recording's legs are as far as they were checkpointed with its spool.
+        legs = _within(await asyncio.to_thread(read_checkpoint, spool) or [], duration) if interrupted else row["legs"]
         self.catalog.update_recording(
             rid, state="processing", duration=duration if interrupted or row["duration"] is None else row["duration"],
-            termination_reason=row["termination_reason"] or "error",
+            termination_reason=row["termination_reason"] or "error", legs=legs,
             error=row["error"] or ("the server stopped during the recording; the audio received until then was kept" if interrupted else None))
+        await asyncio.to_thread(remove_checkpoint, spool)
         upload = await self.storage.resume(row["storage_key"], spool, row["content_type"])
         await self.finish_upload(rid, row["app_id"], upload, duration)
+
+
+def _within(legs: list[dict[str, Any]], duration: float) -> list[dict[str, Any]]:
+    """Checkpointed legs told of audio still in the encoder's buffer: none past the file's end."""
+    end = round(duration * 1000, 1)
+    return [{**leg, **{name: min(leg[name], end) for name in ("first_ms", "last_ms") if leg.get(name) is not None}} for leg in legs]

@@ -98,6 +98,7 @@ class Processor:
         self._on_results = on_results
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()  # a hurried session waits: run the turns without waiting for the tick
 
     def add(self, session: Session) -> None:
         # Sessions take turns: each is processed every process_ms, spread over the ticks.
@@ -108,6 +109,11 @@ class Processor:
         session = self.sessions.pop(uuid, None)
         if session is not None:
             add_mixer_drops(self.dropped, session.mixer.totals)
+
+    def hurry(self, session: Session) -> None:
+        """An ingest waits for this session's mix: process it now, not at its turn or tick."""
+        session.hurry = True
+        self._wake.set()
 
     def dropped_totals(self) -> dict[str, int]:
         """Input dropped so far by reason, live sessions included (samples for audio)."""
@@ -125,22 +131,39 @@ class Processor:
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
+        """Turns every tick, and in between as soon as a session is hurried: a stream faster
+        than real time is then mixed as fast as the processing thread goes, not a tick's worth
+        at a time."""
         loop = asyncio.get_running_loop()
         interval = self.config.tick_ms / 1000
         due = loop.time()
         while True:
-            self.lateness.observe(max(loop.time() - due, 0.0))
+            ticked = loop.time() >= due
+            if ticked:
+                self.lateness.observe(loop.time() - due)
+            self._wake.clear()
             results = await loop.run_in_executor(self._executor, self._turns, self.clock.monotonic())
             if results:
                 await self._on_results(results)
                 for result in results:
                     if result.ended:
                         self.remove(result.uuid)
-            due += interval
-            delay = due - loop.time()
-            if delay < -interval:
-                due = loop.time()  # too far behind: do not try to catch up with a burst
-            await asyncio.sleep(max(delay, 0))
+            if ticked:
+                due += interval
+                if due - loop.time() < -interval:
+                    due = loop.time()  # too far behind: do not try to catch up with a burst
+            await self._pause(due - loop.time())
+
+    async def _pause(self, delay: float) -> None:
+        """Until the next tick, or until a session is hurried."""
+        if delay <= 0 or self._wake.is_set():
+            await asyncio.sleep(0)
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     def _turns(self, now: float) -> list[Result]:
         """Processing thread: the process() of every session whose turn it is.
@@ -151,10 +174,15 @@ class Processor:
         results = []
         period = self.config.process_ms / 1000
         for session in list(self.sessions.values()):
-            if now < session.next_process and not session.ended and not session.hurry and not session.hangup_posted:
+            hurried = session.hurry
+            if now < session.next_process and not session.ended and not hurried and not session.hangup_posted:
                 continue
             session.hurry = False
-            session.next_process = max(session.next_process + period, now)
+            if now >= session.next_process:
+                # A hurried turn leaves the schedule alone: were it to count as a regular
+                # turn, a fast stream's many hurried turns would push the next regular one
+                # far into the future, and a command posted after the stream would wait for it.
+                session.next_process = max(session.next_process + period, now)
             try:
                 events = session.process(now)
             except Exception as exc:  # a bug in one call must not stop the others
@@ -162,7 +190,8 @@ class Processor:
                 self.errors += 1
                 events = contain(session, exc)
             ended = session.ended and not session.inbox
-            if events or ended or (self.report_progress and session.takes_pcm):
+            # A hurried turn is always reported: the ingest that hurried it waits to hear.
+            if events or ended or hurried or (self.report_progress and session.takes_pcm):
                 results.append(Result(session.uuid, events, ended))
         return results
 

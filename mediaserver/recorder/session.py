@@ -38,8 +38,15 @@ from mediaserver.media import DtmfEvent, rescale
 from mediaserver.mixing import Block, Mixer
 from mediaserver.recorder.recording import Recording, legs_view
 from mediaserver.recorder.spec import RecordingSpec, open_recording
+from mediaserver.storage.spool import write_checkpoint
 
 Event = tuple[str, dict[str, Any]]
+CHECKPOINT_S = 0.5  # legs are checkpointed at most this often, and only when the spool grew
+
+# How long a live mix waits for a streamed leg (PCM over TCP: WebSocket) that has gone
+# quiet before it goes on with silence for it. Such audio comes late under load, never
+# lost: reading past it would leave a hole and push the rest of the leg later.
+STREAM_HOLD_S = 2.0
 
 
 @dataclass(slots=True)
@@ -57,6 +64,8 @@ class LegInput:
     applied: int = 0  # samples of those the processor has placed on the timeline
     ahead: int = 0  # samples (at `rate`) placed but not yet read out by the mixer
     resyncs: int = 0
+    streamed: bool = False  # its audio comes as PCM (a stream that is late rather than lost)
+    heard_at: float = 0.0  # monotonic time its latest PCM was taken from the inbox
     packets: int = 0  # counters kept by the ingest side (RTP: packets received and lost)
     lost: int = 0
     malformed: int = 0
@@ -112,10 +121,11 @@ class Session:
         self.recording: Recording | None = None
         self.ended = False
         self.next_process = 0.0  # monotonic time of its next turn (the processor's schedule)
-        self.hurry = False  # an ingest waits for it: process it at the next tick
+        self.hurry = False  # an ingest waits for it: process it now, not at its turn
         self.hangup_posted = False
         self.takes_pcm = False  # some leg posts PCM (whose backlog ingest watches)
         self._hangup_at = 0
+        self._checkpoint = (-1, 0.0)  # the spool's size and the time when legs were last checkpointed
         self.inbox: deque[tuple] = deque()
         self._events: list[Event] = []
 
@@ -177,12 +187,27 @@ class Session:
         else:
             target = self.mixer.ready_until()
             if self.live:
-                target = max(target, self.timeline(now - self.jitter_s))
+                target = max(target, self._live_deadline(now))
         self._advance(target)
         if self.ended:
             self._end_recording("hangup")
+        elif self.live:
+            self._checkpoint_legs(now)
         events, self._events = self._events, []
         return events
+
+    def _live_deadline(self, now: float) -> int:
+        """How far a live mix reads whether or not every leg has delivered: `jitter_s`
+        behind the clock, but not past what a streamed leg that is still going has
+        delivered, unless nothing has come from it for STREAM_HOLD_S (it has stalled, and
+        the call goes on with silence for it). A stream is placed by its sample count, so
+        it is waited for however late the server's load makes it, as long as it flows."""
+        deadline = self.timeline(now - self.jitter_s)
+        for leg_id, buffer in self.mixer.legs.items():
+            leg = self.inputs[leg_id]
+            if leg.streamed and buffer.first_pts is not None and not buffer.ended and now - leg.heard_at < STREAM_HOLD_S:
+                deadline = min(deadline, buffer.write_pos)
+        return deadline
 
     def _drain(self, now: float) -> None:
         """Apply the inbox in order, joining each leg's consecutive audio into one run.
@@ -201,6 +226,8 @@ class Session:
             elif kind == "pcm":
                 self.takes_pcm = True
                 leg_id, samples, rate, pts, at_mono = message[1:]
+                if leg_id in self.inputs:
+                    self.inputs[leg_id].streamed, self.inputs[leg_id].heard_at = True, now
                 self._collect(runs, leg_id, samples, len(samples), rate, pts, at_mono, None)
             else:
                 self._flush(runs)
@@ -213,8 +240,16 @@ class Session:
             return
         step = getattr(decoder, "bytes_per_sample", 0)  # SampleDecoders decode joined payloads
         if payload is not None and step and len(payload) % step == 0:
-            leg.posted += len(payload) // step
-            self._collect(runs, leg_id, payload, len(payload) // step, decoder.sample_rate, pts, 0.0, decoder)
+            n = len(payload) // step
+            leg.posted += n
+            run = runs.get(leg_id)
+            # Almost every packet continues its leg's run: extend it here (what `_collect`
+            # and `_Run.follows` would decide) rather than through two more calls.
+            if run is not None and run.decoder is decoder and run.pts is not None and pts == run.pts + run.length:
+                run.parts.append(payload)
+                run.length += n
+                return
+            self._collect(runs, leg_id, payload, n, decoder.sample_rate, pts, 0.0, decoder)
             return
         try:
             samples = decoder.conceal() if payload is None else decoder.decode(payload)
@@ -256,7 +291,7 @@ class Session:
         elif kind == "add":
             self._add(message[1], message[2])
         elif kind == "end":
-            if message[1] in self.inputs:
+            if message[1] in self.mixer.legs:  # not when the hangup has ended it already
                 self.mixer.end_leg(message[1], max(self.timeline(message[2]), self.mixer.cursor) if self.live else None)
         elif kind == "start":
             self._start(message[1], message[2])
@@ -298,6 +333,11 @@ class Session:
         if leg is None or len(samples) == 0:
             return
         leg.applied += len(samples)
+        if leg_id not in self.mixer.legs:
+            # Audio still on its way when the leg ended and the mixer let it go (a hangup
+            # overtook it): too late for the timeline.
+            self.mixer.totals.late_samples += rescale(len(samples), rate, self.rate)
+            return
         if leg.rate != rate:
             self._retune_leg(leg, rate)
         if pts is None:
@@ -360,6 +400,7 @@ class Session:
             self._retune_mixer(recording.rate)
         recording.start_pos = recording.position = self._command_pos(at_mono)
         self.recording = recording
+        self._checkpoint = (-1, 0.0)
         for leg in list(self.inputs.values()):
             leg.dtmf.clear()
             leg.detector = None
@@ -373,7 +414,8 @@ class Session:
             leg = self.inputs[leg_id]
             leg.detector = None
             new = self.mixer.add_leg(leg_id, buffer.role, rescale(buffer.joined_at, old.rate, rate))
-            pending, _ = buffer.read(old.cursor, buffer.write_pos)
+            # A leg that has not delivered up to the cursor (a quiet RTP leg) has nothing pending.
+            pending, _ = buffer.read(old.cursor, max(old.cursor, buffer.write_pos))
             if len(pending):
                 new.push(Resampler(old.rate, rate).process(pending), self.mixer.cursor, self.mixer.cursor)
             if buffer.ended:
@@ -388,6 +430,11 @@ class Session:
             block = self.mixer.read(end)
             if self.recording is not None and not self.recording.done:
                 self._feed(block)
+        if self.recording is not None and not self.recording.done and self.recording.position <= self.mixer.cursor:
+            # Commands at the cursor take effect now rather than with the next block: after
+            # a stream faster than real time the cursor is ahead of the clock, and no block
+            # would come until the clock had caught up with it.
+            self._feed(Block(self.mixer.cursor, self.mixer.cursor))
         for leg_id, buffer in self.mixer.legs.items():
             leg = self.inputs[leg_id]
             if leg.rate:
@@ -396,7 +443,7 @@ class Session:
 
     def _feed(self, block: Block) -> None:
         recording = self.recording
-        events = self._detect(block) if recording.options.finish_on_key else []
+        events = self._detect(block) if recording.options.finish_on_key and len(block) else []
         recording.feed(block, events)
         self._events.extend((kind, {"recording_id": recording.id, **data}) for kind, data in recording.events)
         recording.events.clear()
@@ -420,6 +467,28 @@ class Session:
                 leg.dtmf[:] = [ev for ev in leg.dtmf if ev.pts >= block.end]
         return sorted(events, key=lambda ev: ev.pts)
 
+    def _checkpoint_legs(self, now: float) -> None:
+        """Write what the spool has gathered for long enough, and keep the active recording's
+        leg statistics beside it whenever it has grown (at most every CHECKPOINT_S), so a
+        crash loses no more of them than of the audio."""
+        recording = self.recording
+        path = getattr(recording.sink, "path", None) if recording is not None and not recording.done else None
+        if path is None:
+            return
+        recording.sink.flush_due()
+        written, at = self._checkpoint
+        if recording.sink.written != written and now - at >= CHECKPOINT_S:
+            try:
+                write_checkpoint(path, self._legs_view(recording))
+            except OSError:
+                return  # the spool's own writes will fail loudly if the disk is the trouble
+            self._checkpoint = (recording.sink.written, now)
+
+    def _legs_view(self, recording: Recording) -> list[dict[str, Any]]:
+        counters = {leg.leg_id: {"packets": leg.packets, "lost": leg.lost, "malformed": leg.malformed, "decode_errors": leg.decode_errors}
+                    for leg in list(self.inputs.values())}
+        return legs_view(recording, counters)
+
     def _end_recording(self, reason: str) -> None:
         if self.recording is not None and not self.recording.done:
             self._finish_recording(reason)
@@ -442,7 +511,5 @@ class Session:
         finally:
             if hasattr(recording.sink, "close"):
                 recording.sink.close(sync=False)
-        counters = {leg.leg_id: {"packets": leg.packets, "lost": leg.lost, "malformed": leg.malformed, "decode_errors": leg.decode_errors}
-                    for leg in list(self.inputs.values())}
         self._events.append(("recording.closed", {"recording_id": recording.id, "duration": recording.duration_samples / recording.rate,
-                                                  "legs": legs_view(recording, counters), "error": error}))
+                                                  "legs": self._legs_view(recording), "error": error}))

@@ -11,9 +11,14 @@ written, which WAV sizes and the MP3 info frame need once the length is known.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
 
@@ -40,6 +45,12 @@ class Spool:
         self._buffer += data
         self.size += len(data)
         if len(self._buffer) >= self._buffer_bytes or self._clock() - self._since >= self._max_delay:
+            self.flush()
+
+    def flush_due(self) -> None:
+        """Write what is gathered if it has waited `max_delay_s`, even with no new append:
+        an encoder that has gone quiet must not keep the last of the audio from the disk."""
+        if self._buffer and self._clock() - self._since >= self._max_delay:
             self.flush()
 
     def flush(self) -> None:
@@ -85,3 +96,40 @@ def file_sha256(path: Path) -> str:
         while n := fh.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+# -- the legs checkpoint -------------------------------------------------------------------
+# Beside the spool, what its recording knew of its legs (their counters) when the spool was
+# last written: a restarted server recovers the audio from the spool and the legs from here.
+
+
+def checkpoint_path(spool: Path) -> Path:
+    return spool.with_name(spool.name + ".legs.json")
+
+
+def write_checkpoint(spool: Path, legs: list[dict[str, Any]]) -> None:
+    """Replace the checkpoint whole (write-to-temp, rename): a crash leaves the old or the new.
+
+    Not synced to disk, like the spool's own appends: it outlives the process, which is
+    what it is for."""
+    target = checkpoint_path(spool)
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(legs, separators=(",", ":")))
+    os.replace(tmp, target)
+
+
+def read_checkpoint(spool: Path) -> list[dict[str, Any]] | None:
+    """The legs last checkpointed beside `spool`, or None when there is none (or it cannot be read)."""
+    try:
+        legs = json.loads(checkpoint_path(spool).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable legs checkpoint of %s: %s", spool, exc)
+        return None
+    return legs if isinstance(legs, list) else None
+
+
+def remove_checkpoint(spool: Path) -> None:
+    checkpoint_path(spool).unlink(missing_ok=True)
