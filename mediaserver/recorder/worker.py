@@ -11,7 +11,7 @@ Messages from the server (see `wire.Channel`):
 - ("session", uuid, app_id, t0, rate, jitter_s)       a new session
 - ("add_leg", uuid, leg_id, role, at_mono)
 - ("post", uuid, message)                              a session inbox message
-- ("hurry", uuid)                                      process it at the next tick
+- ("hurry", uuid)                                      process it now, not at its turn
 - ("request", id, name, args)                          answered by ("reply", id, ok, value):
   open_rtp(uuid, leg_id, formats, hold_s) -> port, rtp_formats(leg_id, formats),
   relatch(leg_id), close_rtp(leg_id) -> statistics
@@ -23,6 +23,7 @@ Messages to the server: ("results", [(uuid, events, ended, progress)]), ("reply"
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -40,6 +41,11 @@ from mediaserver.rtp.endpoint import PortPool
 log = logging.getLogger(__name__)
 
 STATS_EVERY_S = 1.0
+# Every RTP packet leaves a message in its session's inbox until the session's next turn
+# (up to `process_ms`); with the default first threshold (700) the collector kept walking
+# the messages still waiting: about 3 % of a worker's CPU at 150 calls, under 1.5 % with
+# this one. Objects that die before a collection cost it nothing.
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def port_share(config: Config, index: int, count: int) -> tuple[int, int]:
@@ -56,6 +62,7 @@ def main(argv: list[str]) -> int:
     """`python -m mediaserver.recorder.worker FD`: serve the server process on socket FD."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
     tune_malloc()
+    tune_gc()
     sock = socket.socket(fileno=int(argv[1]))
     try:
         import uvloop
@@ -65,6 +72,15 @@ def main(argv: list[str]) -> int:
         pass
     asyncio.run(_serve(sock))
     return 0
+
+
+def tune_gc() -> None:
+    """Move what start-up allocated (modules, the interpreter's own objects) out of the
+    collector's reach, and collect the young generation less often (GC_YOUNG_THRESHOLD)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def _serve(sock: socket.socket) -> None:
@@ -131,7 +147,7 @@ class Worker:
         elif kind == "hurry":
             session = self.processor.sessions.get(message[1])
             if session is not None:
-                session.hurry = True
+                self.processor.hurry(session)
         elif kind == "session":
             uuid, app_id, t0, rate, jitter_s = message[1:]
             self.processor.add(Session(uuid, app_id, t0, rate, jitter_s=jitter_s))

@@ -30,6 +30,12 @@ from mediaserver.rtp.packet import RtcpPacket, is_rtcp
 log = logging.getLogger(__name__)
 
 RELATCH_S = 2.0
+# Receive buffer of an RTP socket. The default (rmem_default, ~208 KiB) holds only ~256
+# queued datagrams whatever their size (each costs its ~830-byte buffer): a worker that
+# falls a few seconds behind on one leg (a burst of call set-ups, a slow disk) would lose
+# packets in the kernel. The kernel caps it at rmem_max; the memory is used only while
+# packets actually wait.
+RTP_RCVBUF = 1 << 20
 
 
 @dataclass(slots=True)
@@ -191,13 +197,13 @@ class PortPool:
 
     def _bind_pair(self) -> tuple[socket.socket, socket.socket]:
         if self.low == 0:
-            return _bind(self.host, 0), _bind(self.host, 0)
+            return _bind(self.host, 0, RTP_RCVBUF), _bind(self.host, 0)
         pairs = max((self.high - self.low + 1) // 2, 0)
         for _ in range(pairs):
             port = self._next
             self._next = port + 2 if port + 3 <= self.high else self.low
             try:
-                rtp = _bind(self.host, port)
+                rtp = _bind(self.host, port, RTP_RCVBUF)
             except OSError:
                 continue
             try:
@@ -207,11 +213,13 @@ class PortPool:
         raise OSError(errno.EADDRINUSE, f"no free RTP port pair in {self.low}-{self.high} on {self.host}")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, rcvbuf: int = 0) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((host, port))
     except BaseException:
         sock.close()

@@ -202,28 +202,36 @@ class RtpTimeline:
         return self._pos + ts_delta
 
     def _advance(self, delta: int, seq: int, timestamp: int, arrival: int) -> int:
-        """The newest packet so far, `delta` sequence numbers on."""
+        """The newest packet so far, `delta` sequence numbers on.
+
+        The path of almost every packet: `_signed`, `_set_base` and the common case of
+        `_track` are written out here rather than called."""
         kt = (seq - self._ts_seq) & 0xFFFF
-        ts_delta = _signed(timestamp - self._ts)
+        ts_delta = ((timestamp - self._ts + _TS_HALF) & _TS_MASK) - _TS_HALF
+        step, jump = self._step, self._jump
         pos = self._pos + ts_delta
         late = arrival - pos
-        steady = abs(ts_delta - kt * self._step) <= self._step >> 1
-        if late < -self._jump or (not steady and late > self._jump):
+        steady = abs(ts_delta - kt * step) <= step >> 1
+        if late < -jump or (not steady and late > jump):
             self.reanchored += 1
-            pos = self._continuation(self._pos + kt * self._step, arrival)
+            pos = self._continuation(self._pos + kt * step, arrival)
             self._reset_window(arrival)
-        elif late > self._jump:
+        elif late > jump:
             pos = self._late_run(pos, late, arrival)
-        else:
+        elif self._late_since is not None:
             self._late_since = None
         if kt == 1 and 0 < ts_delta <= self._max_step:
             self._step = ts_delta
         self._seen = ((self._seen << delta) | 1) & _HISTORY_MASK
         self.lost += delta - 1
-        self._seq = seq
-        self._set_base(seq, timestamp, pos)
+        self._seq = self._ts_seq = seq
+        self._ts, self._pos = timestamp, pos
         self.received += 1
-        self._track(arrival - pos, arrival)
+        lateness = arrival - pos
+        if lateness < self._win_min:
+            self._win_min = lateness
+        if arrival - self._win_start >= self._window:
+            self._track(lateness, arrival)
         return pos
 
     def _late_run(self, pos: int, late: int, arrival: int) -> int:

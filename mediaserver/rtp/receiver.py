@@ -9,6 +9,7 @@ packet; everything is counted.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -17,9 +18,11 @@ from mediaserver.codecs.registry import RtpCodec
 from mediaserver.media import DtmfEvent
 from mediaserver.rtp.events import KeyPressTracker, TelephoneEvent, TelephoneEventError
 from mediaserver.rtp.jitter import RtpTimeline
-from mediaserver.rtp.packet import RtpError, parse_header
+from mediaserver.rtp.packet import RTP_HEADER_SIZE, RtpError, parse_header
 
 TELEPHONE_EVENT = "telephone-event"  # RFC 4733 §7.1.1 media subtype
+PLAIN_FIRST_OCTET = 0x80  # RFC 3550 §5.1: version 2, no padding, no extension, no CSRC
+_PLAIN = struct.Struct("!BHII")  # the rest of a plain fixed header: M/PT, sequence, timestamp, SSRC
 HOLD_S = 0.04  # how long packets wait behind a gap for the missing one (and the first ones)
 STARTUP_PACKETS = 3  # the first packets, whose least delayed one anchors the stream
 MAX_CONCEAL = 10  # packets a gap may lose and still be concealed by the decoder
@@ -96,11 +99,16 @@ class RtpReceiver:
         """One datagram that arrived at monotonic time `now`. Returns the time by which
         `expire()` must be called when packets are held behind a gap, else None."""
         counters = self.counters
-        try:
-            second, seq, timestamp, ssrc, start, end = parse_header(data)
-        except RtpError:
-            counters.malformed += 1
-            return None
+        if len(data) >= RTP_HEADER_SIZE and data[0] == PLAIN_FIRST_OCTET:
+            # What nearly every telephone sends: parse_header's checks have nothing to find.
+            second, seq, timestamp, ssrc = _PLAIN.unpack_from(data, 1)
+            start, end = RTP_HEADER_SIZE, len(data)
+        else:
+            try:
+                second, seq, timestamp, ssrc, start, end = parse_header(data)
+            except RtpError:
+                counters.malformed += 1
+                return None
         counters.packets += 1
         pt = second & 0x7F
         entry = self._decoders.get(pt)
