@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := ffmpeg sox libsox-fmt-all espeak-ng sip-tester baresip chromium multimon-ng lame
+DEBIAN_PACKAGES := ffmpeg sox libsox-fmt-all espeak-ng sip-tester baresip chromium multimon-ng lame stress-ng
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench debian-deps venv clean seaweedfs
+.PHONY: run test test-loaded bench debian-deps venv clean seaweedfs fuzz
 
 venv: $(STAMP)
 
@@ -32,8 +32,20 @@ run: venv
 test: venv debian-deps
 	$(PY) -m pytest
 
+# The whole suite while stress-ng holds one core busy: what passes here passes on a busy
+# machine. The trap stops stress-ng however pytest ends; make sees pytest's exit status.
+test-loaded: venv debian-deps
+	@stress-ng --cpu 1 --quiet & load=$$!; \
+	trap 'kill $$load 2>/dev/null; wait $$load 2>/dev/null' EXIT INT TERM; \
+	$(PY) -m pytest
+
 bench: venv debian-deps
 	$(PY) -m benchmarks
+
+# 10,000 malformed inputs per family (HTTP, auth, SIP, RTP, WebSocket) against a real
+# server process; a table per family, non-zero exit on any 5xx, crash or logged ERROR.
+fuzz: venv
+	$(PY) -m mediaserver.tools.fuzz
 
 # A local SeaweedFS S3 endpoint for trying the S3 backend by hand (see README).
 seaweedfs: venv

@@ -6,7 +6,11 @@ duplicates and restarts them (seeded, so a test is repeatable), `send()` /
 <exec command>), it streams WAV files to ports:
 
     python rtp_sender.py --to 127.0.0.1:40000 --wav a.wav [--to 127.0.0.1:40002 --wav b.wav]
-        [--codec PCMU|PCMA] [--from-port N] [--delay S]
+        [--codec PCMU|PCMA] [--from-port N] [--delay S] [--report FILE | --report-dir DIR]
+
+Every datagram leaves at an absolute deadline from the start; `Sent` (and `--report`)
+record how late each one actually left, so that a test can tell a sender that fell behind
+(a busy machine) from a server that misplaced what arrived on time.
 """
 
 from __future__ import annotations
@@ -17,16 +21,22 @@ _STARTED = time.monotonic()  # --delay counts from here, so that import time doe
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import socket  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from mediaserver.codecs.registry import find_codec  # noqa: E402
+from mediaserver.rtp.jitter import JUMP_S  # noqa: E402
 from mediaserver.rtp.packet import RtpPacket  # noqa: E402
 
 PTIME = 0.02  # what every stream here sends per packet (the codecs' encoders frame 20 ms)
+# A datagram later than this is the sender's doing, not the network's: the server may then
+# re-anchor the stream or drop the datagram as too late to mix (mediaserver.rtp.jitter).
+ALLOWANCE_S = JUMP_S
 
 
 @dataclass
@@ -107,28 +117,58 @@ def _discontinuities(plan: list[Planned], how: Impairments) -> list[Planned]:
     return out
 
 
-def send(streams: list[tuple[list[Planned], tuple[str, int]]], sock: socket.socket, start: float | None = None) -> float:
-    """Send every stream's plan at its times (blocking); returns the start time used."""
-    events = sorted(((item.at, bytes(item.packet), dest) for plan, dest in streams for item in plan), key=lambda e: e[0])
-    start = time.monotonic() if start is None else start
-    for at, data, dest in events:
-        delay = start + at - time.monotonic()
+@dataclass
+class Sent:
+    """What a sender did: when it started (time.monotonic(), which every process on the
+    machine shares) and, per datagram in sending order, how late it left against its plan."""
+
+    start: float
+    lateness: list[float] = field(default_factory=list)  # seconds after its planned time
+
+    @property
+    def first_sent(self) -> float:
+        """When the first datagram actually left."""
+        return self.start + (self.lateness[0] if self.lateness else 0.0)
+
+    def behind(self, allowance: float = ALLOWANCE_S) -> list[int]:
+        """Indexes (in sending order) of the datagrams that left more than `allowance` late."""
+        return [index for index, late in enumerate(self.lateness) if late > allowance]
+
+    def describe(self, allowance: float = ALLOWANCE_S) -> str:
+        late = self.behind(allowance)
+        if not late:
+            return f"on time (at most {max(self.lateness, default=0) * 1000:.1f} ms late)"
+        return (f"{len(late)} of {len(self.lateness)} datagrams left more than {allowance * 1000:.0f} ms late, "
+                f"the worst {max(self.lateness) * 1000:.0f} ms, from #{late[0]} on")
+
+
+def _events(streams: list[tuple[list[Planned], tuple[str, int]]]) -> list[tuple[float, bytes, tuple[str, int]]]:
+    return sorted(((item.at, bytes(item.packet), dest) for plan, dest in streams for item in plan), key=lambda e: e[0])
+
+
+def send(streams: list[tuple[list[Planned], tuple[str, int]]], sock: socket.socket, start: float | None = None) -> Sent:
+    """Send every stream's plan at its times (blocking), each at an absolute deadline from
+    the start, so one late datagram does not delay the rest; returns what was done."""
+    sent = Sent(time.monotonic() if start is None else start)
+    for at, data, dest in _events(streams):
+        delay = sent.start + at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         sock.sendto(data, dest)
-    return start
+        sent.lateness.append(time.monotonic() - sent.start - at)
+    return sent
 
 
-async def send_async(streams: list[tuple[list[Planned], tuple[str, int]]], sock: socket.socket) -> float:
+async def send_async(streams: list[tuple[list[Planned], tuple[str, int]]], sock: socket.socket) -> Sent:
     """`send` on the running event loop (for tests whose server runs in the same loop)."""
-    events = sorted(((item.at, bytes(item.packet), dest) for plan, dest in streams for item in plan), key=lambda e: e[0])
-    start = time.monotonic()
-    for at, data, dest in events:
-        delay = start + at - time.monotonic()
+    sent = Sent(time.monotonic())
+    for at, data, dest in _events(streams):
+        delay = sent.start + at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         sock.sendto(data, dest)
-    return start
+        sent.lateness.append(time.monotonic() - sent.start - at)
+    return sent
 
 
 def _main() -> None:
@@ -140,6 +180,8 @@ def _main() -> None:
     parser.add_argument("--codec", default="PCMU")
     parser.add_argument("--from-port", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds after the program started to send the first packet")
+    parser.add_argument("--report", help="write what was sent, and when, to this JSON file")
+    parser.add_argument("--report-dir", help="... or to DIR/<first WAV's name>.sent.json")
     args = parser.parse_args()
     streams = []
     for _index, (dest, wav) in enumerate(zip(args.to, args.wav)):
@@ -150,7 +192,14 @@ def _main() -> None:
         streams.append((stream, (host, int(port))))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", args.from_port))
-        send(streams, sock, start=max(_STARTED + args.delay, time.monotonic()))
+        planned = _STARTED + args.delay
+        sent = send(streams, sock, start=max(planned, time.monotonic()))
+    if args.report_dir and not args.report:
+        args.report = str(Path(args.report_dir) / (Path(args.wav[0]).stem + ".sent.json"))
+    if args.report:
+        report = {"planned_start": planned, "start": sent.start, "first_sent": sent.first_sent,
+                  "lateness": sent.lateness, "behind": sent.behind()}
+        Path(args.report).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
         bucket = s3.create_bucket()
         storage = S3Storage(s3.config(bucket, data_dir=tmp_path))
         s3.stop(); ...; s3.start()          # an outage: same ports, same data
+        s3.kill(); ...; s3.start()          # a crash: SIGKILL, then the same again
 
 `tests/conftest.py` offers it as fixtures: `s3_server` (one per test session, shared),
 `s3_bucket` (a fresh bucket on it per test) and `s3_own_server` (one per test, for tests
@@ -12,6 +13,8 @@ that stop it).
 
 from __future__ import annotations
 
+import json
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,10 @@ class S3Server:
         """SIGTERM; SIGKILL after `timeout` seconds. The data stays for the next start()."""
         self._weed.stop(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL (an outage with no goodbye); the data stays for the next start()."""
+        self._weed.kill()
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -71,6 +78,30 @@ class S3Server:
 
     def log_tail(self, lines: int = 30) -> str:
         return self._weed.log_tail(lines)
+
+    def part_chunks(self, bucket: str, upload_id: str) -> dict[int, frozenset[str]]:
+        """Part number -> the file ids of the stored chunks of each part of an open
+        multipart upload, as SeaweedFS's filer holds them. A part uploaded again gets new
+        chunks; a completed object is made of its parts' chunks, not of copies."""
+        listing = self._filer(f"/buckets/{bucket}/.uploads/{upload_id}/")
+        parts: dict[int, frozenset[str]] = {}
+        for entry in listing.get("Entries") or []:
+            name = entry["FullPath"].rsplit("/", 1)[1]  # 0001_<uuid>.part
+            number = int(name.split("_", 1)[0])
+            assert number not in parts, f"part {number} is stored twice: {sorted(parts)}"
+            parts[number] = frozenset(chunk["file_id"] for chunk in entry.get("chunks") or [])
+        return parts
+
+    def object_chunks(self, bucket: str, key: str) -> frozenset[str]:
+        """The file ids of the chunks a stored object is made of."""
+        entry = self._filer(f"/buckets/{bucket}/{key}?metadata=true")
+        return frozenset(chunk["file_id"] for chunk in entry.get("chunks") or [])
+
+    def _filer(self, path: str) -> dict[str, Any]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self._weed.ports['filer']}{path}",
+                                         headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
 
     def __enter__(self) -> "S3Server":
         self.start()

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile
 from servers import Server, free_port
 
-from mediaserver.api.keys import SERVICES
+from mediaserver.api.keys import CATALOG, SERVICES
 
 FIXTURES = Path(__file__).resolve().parent.parent / "sip_fixtures"
 SCENARIOS = FIXTURES / "scenarios"
@@ -71,9 +71,17 @@ async def run_sipp(server: Server, scenario_file: Path, cwd: Path, *, transport:
     return SippResult(proc.returncode, out.decode(errors="replace")[-3000:] + errors[-3000:], time.monotonic() - started)
 
 
-def sender_sets(**wavs: Path) -> dict[str, object]:
-    """SIPp variables for scenarios that run tests/rtp_sender.py."""
-    return {"python": sys.executable, "sender": SENDER, **{name: str(path) for name, path in wavs.items()}}
+def sender_sets(report_dir: Path | None = None, **wavs: Path) -> dict[str, object]:
+    """SIPp variables for scenarios that run tests/rtp_sender.py; with `report_dir`, each
+    sender writes there what it sent and when (`sender_report()` reads it)."""
+    sender = f"{SENDER} --report-dir {report_dir}" if report_dir is not None else SENDER
+    return {"python": sys.executable, "sender": sender, **{name: str(path) for name, path in wavs.items()}}
+
+
+def sender_report(report_dir: Path, wav: Path) -> dict:
+    """What tests/rtp_sender.py reported for `wav`: `first_sent` (time.monotonic(), shared by
+    every process here), `lateness` per datagram and the datagrams `behind` their schedule."""
+    return json.loads((report_dir / f"{wav.stem}.sent.json").read_text())
 
 
 async def first_call(server: Server, timeout: float = 4.0) -> str:
@@ -84,6 +92,56 @@ async def first_call(server: Server, timeout: float = 4.0) -> str:
         await asyncio.sleep(0.02)
     [uuid] = list(sip.calls)
     return uuid
+
+
+async def leg_stats(server: Server, session_uuid: str, timeout: float = 5.0) -> list[dict]:
+    """The RTP statistics the server kept with each leg of a session (packets, lost,
+    reanchored, realigned, slipped_ms, ...), once the legs' sockets have closed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        legs = server.app[CATALOG].legs(session_uuid)
+        if legs and all(leg["stats"] for leg in legs):
+            return [dict(leg["stats"], leg_id=leg["leg_id"]) for leg in legs]
+        assert time.monotonic() < deadline, f"the legs of {session_uuid} kept no statistics: {legs}"
+        await asyncio.sleep(0.02)
+
+
+# Wakes every 5 ms and remembers how late it woke, until stdin closes (or 300 s pass).
+_PROBE = """
+import sys, threading, time
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+worst, deadline = 0.0, time.monotonic() + 300
+while not done.is_set() and time.monotonic() < deadline:
+    before = time.monotonic()
+    time.sleep(0.005)
+    worst = max(worst, time.monotonic() - before - 0.005)
+print(worst)
+"""
+
+
+class SchedulingProbe:
+    """A process that measures how long it waits for a CPU while the test runs: what a
+    sender process on this machine (SIPp's media thread, say) may have waited too.
+    `worst_s` is its longest wait, known after the block."""
+
+    def __init__(self) -> None:
+        self.worst_s: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> "SchedulingProbe":
+        self._proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _PROBE, stdin=subprocess.PIPE,
+                                                          stdout=subprocess.PIPE)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        try:
+            out, _ = await asyncio.wait_for(self._proc.communicate(b""), 10)
+        except asyncio.TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+            raise
+        self.worst_s = float(out)
 
 
 class LegWatcher:

@@ -65,6 +65,11 @@ def voice(voice_wav) -> np.ndarray:
     return samples
 
 
+# Just under the worst of repeated runs, idle and with a core held busy (Opus 0.966-0.972,
+# G.711 0.996): a regression of a few hundredths fails.
+MIN_CORRELATION = {"opus": 0.95, "PCMU": 0.99, "PCMA": 0.99}
+
+
 @pytest.mark.parametrize("codec", ["opus", "PCMU", "PCMA"])
 async def test_aiortc_client_publishes_a_wav_and_the_recording_matches(server, voice, codec):
     """The WAV file's samples, published in real time, are in the recording unchanged in
@@ -89,7 +94,7 @@ async def test_aiortc_client_publishes_a_wav_and_the_recording_matches(server, v
     want_start, want_end = active_span(voice, RATE)
     duration_error = (end - start) - (want_end - want_start)
     print(f"aiortc WHIP {codec}: correlation {corr:.4f}, lag {lag / RATE:.3f} s, duration error {duration_error * 1000:+.1f} ms")
-    assert corr > 0.9
+    assert corr > MIN_CORRELATION[codec]
     assert abs(duration_error) <= 0.03
     assert abs((start - lag / RATE) - want_start) <= 0.03  # the speech sits where the correlation says
     (leg,) = meta["legs"]

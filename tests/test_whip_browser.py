@@ -93,5 +93,5 @@ async def test_chromium_publishes_its_microphone_through_the_page(tmp_path, brow
     print(f"Chromium WHIP: correlation {corr:.4f} over one {period:.2f} s loop at lag {lag / RATE:.3f} s; "
           f"leg audio {leg['audio_ms'] / 1000:.2f} s of a {meta['duration']:.2f} s recording")
     assert lag + len(samples) <= len(audio), "a whole loop of the file must be in the recording"
-    assert corr > 0.8
+    assert corr > 0.94  # 0.964-0.966 measured, idle and with a core held busy
     assert leg["audio_ms"] / 1000 >= 2 * period

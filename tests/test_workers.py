@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from audio import best_lag, dtmf, noise, read_audio, tone
-from mediaserver.codecs.g711 import encode_ulaw
+from mediaserver.codecs.g711 import decode_ulaw, encode_ulaw
+from rtp_sender import packetize, send_async
 from servers import Server
 
 pytestmark = pytest.mark.timeout(90)
@@ -60,22 +61,34 @@ async def test_an_rtp_leg_is_received_by_its_worker(server, tmp_path):
     port = int(next(line for line in leg["sdp"].splitlines() if line.startswith("m=audio")).split()[1])
     status, answer = await server.command(uuid, "start")
     sent = noise(1.0, dbfs=-16)
+    plan = packetize(sent, "PCMU", ssrc=0x1234, seq=0, timestamp=0)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for i in range(50):
-            header = bytes([0x80, 0]) + i.to_bytes(2, "big") + (i * 160).to_bytes(4, "big") + (0x1234).to_bytes(4, "big")
-            sock.sendto(header + encode_ulaw(sent[i * 160:(i + 1) * 160]), ("127.0.0.1", port))
-            await asyncio.sleep(0.02)
+        record = await send_async([(plan, ("127.0.0.1", port))], sock)
     await asyncio.sleep(0.2)
     await server.api("DELETE", f"/api/v1/sessions/{uuid}")
     meta = await server.wait_recording(answer["recording_id"])
     [stats] = meta["legs"]
     assert stats["packets"] == 50 and stats["lost"] == 0
-    assert stats["audio_ms"] == pytest.approx(1000, abs=1)
     path = tmp_path / "rtp.wav"
     path.write_bytes(await server.download(answer["recording_id"]))
     pcm, _ = read_audio(path)
-    lag, score = best_lag(pcm[:, 0], sent, 4000)
-    assert score > 0.99
+    audio = pcm[:, 0]
+    # Each packet's audio belongs where its RTP timestamp puts it, counted from the first
+    # packet (which anchors the leg): sample for sample, as µ-law decodes it.
+    expected = decode_ulaw(encode_ulaw(sent))
+    lag, _ = best_lag(audio, expected[:800], 4000)
+    # A sender that fell behind its schedule (a busy machine) may rightly be re-anchored or
+    # have packets dropped as too late to mix: judge only what it sent before that.
+    late = record.behind()
+    judged = plan[:late[0]] if late else plan
+    misplaced = [i for i, item in enumerate(judged)
+                 if not np.array_equal(audio[lag + item.first_sample:lag + item.first_sample + 160],
+                                       expected[item.first_sample:item.first_sample + 160])]
+    print(f"RTP to a worker: the sender was {record.describe()}; {len(misplaced)} of {len(judged)} packets misplaced")
+    assert not misplaced, f"packets {misplaced} are not where their timestamps put them"
+    if late:
+        pytest.skip(f"placement judged for the first {len(judged)} of 50 packets only: the sender {record.describe()}")
+    assert stats["audio_ms"] == pytest.approx(1000, abs=1)
 
 
 async def test_live_file_wav_from_a_worker(server):

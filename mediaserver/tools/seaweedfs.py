@@ -204,6 +204,19 @@ class WeedMini:
             self._log.close()
             self._log = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a pulled plug: no clean shutdown. Idempotent.
+
+        The data directory stays; `start()` brings it back on the same ports.
+        """
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def log_tail(self, lines: int = 30) -> str:
         path = self.data_dir / "weed.out"
         if not path.exists():
