@@ -29,13 +29,15 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 
 
+RESULTS = HERE / "results"
+
+
 def fresh_work(name: str) -> Path:
     """`work/<name>`, emptied of what the last run of that benchmark left there."""
     work = WORK / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     return work
-RESULTS = HERE / "results"
 
 
 # -- the machine ---------------------------------------------------------------------------
@@ -85,8 +87,21 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def commit_info() -> dict[str, Any]:
+    """The commit measured and whether the working tree differed from it (figures from a
+    dirty tree describe code that no commit holds). Nulls outside a git checkout."""
+    head = _first_line(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"])
+    if head is None or len(head) != 40:
+        return {"commit": None, "dirty": None, "dirty_files": None}
+    out = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no"],
+                         capture_output=True, text=True, check=False, timeout=30).stdout
+    changed = sorted(line[3:] for line in out.splitlines() if line.strip())
+    return {"commit": head, "dirty": bool(changed), "dirty_files": changed}
+
+
 def write_result(name: str, title: str, quick: bool, started: float, body: dict[str, Any]) -> Path:
-    """Write results/<name>.json: the benchmark's settings, figures and verdicts, with context."""
+    """Write results/<name>.json (<name>.quick.json for a quick run): the benchmark's settings,
+    figures and verdicts, with the commit, the machine and the date."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
@@ -94,12 +109,15 @@ def write_result(name: str, title: str, quick: bool, started: float, body: dict[
         "date_utc": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "quick": quick,
         "wall_seconds": round(time.monotonic() - started, 1),
+        "source": commit_info(),
         "machine": machine_info(),
         "settings": body["settings"],
         "figures": body["figures"],
         "verdicts": body["verdicts"],
     }
-    path = RESULTS / f"{name}.json"
+    # A quick run is a smoke test or a guard, not comparable with a full run: it must not
+    # replace the full run's figures.
+    path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
     path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return path
 

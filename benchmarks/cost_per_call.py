@@ -54,17 +54,34 @@ def run(quick: bool) -> dict[str, Any]:
     print_table("Cost per call (CPU of the server's processes less its idle cost, RSS growth, each over N)", [
         ("calls", "calls", ""), ("cores", "server_cpu_cores", ".3f"), ("CPU %/call", "cpu_per_call_net_pct", ".3f"),
         ("RSS/call KiB", "rss_per_call_kib", ".1f"), ("p99 ms", "tick_p99_ms", "g"), ("dropped", "packets_dropped", ""),
-        ("late smp", "late_samples_dropped", ""), ("all ok", "ok", "")], rows)
+        ("send err", "send_errors", ""), ("late smp", "late_samples_dropped", ""), ("µs/packet", "cpu_us_per_packet", ".2f"),
+        ("all ok", "ok", "")], rows)
     # Flat means a call costs no more among many than among few: the largest N against N = 10
-    # (N = 1 is mostly the server's fixed cost). Falling is better than flat.
+    # (N = 1 is mostly the server's fixed cost). Falling is better than flat. A step that
+    # dropped packets or lost samples did less work than its calls needed, so its cost per
+    # call would flatter: the figures of a failing step are not verdicts' values.
     base = next((row for row in rows if row["calls"] >= 10), rows[0])
-    growth = (rows[-1]["cpu_per_call_net_pct"] / base["cpu_per_call_net_pct"]) if base["cpu_per_call_net_pct"] else None
+    last = rows[-1]
+    failing = [row["calls"] for row in rows if not row["ok"]]
+    usable = last["ok"] and base["ok"]
+    growth = (last["cpu_per_call_net_pct"] / base["cpu_per_call_net_pct"]) if usable and base["cpu_per_call_net_pct"] else None
+    why = "" if usable else f"N = {', '.join(map(str, failing))} did not record everything: no figure from a failing step"
     verdicts = [
-        verdict(f"CPU per call at N = {rows[-1]['calls']} over N = {base['calls']} (flat or falling)", rnd(growth, 2),
-                1.0, "x", higher_is_better=False),
-        verdict(f"RSS per call at N = {rows[-1]['calls']}", rows[-1]["rss_per_call_kib"], BUDGET_KIB, " KiB",
-                higher_is_better=False),
+        verdict("steps that record everything (nothing dropped, refused or late, all stored, p99 tick within "
+                f"{rtp_load.LATENESS_MS:g} ms)", len(rows) - len(failing), len(rows), " steps",
+                detail=f"failing: N = {failing}" if failing else ""),
+        verdict(f"CPU per call at N = {last['calls']} over N = {base['calls']} (flat or falling)", rnd(growth, 2),
+                1.0, "x", higher_is_better=False, detail=why),
+        verdict(f"RSS per call at N = {last['calls']}", last["rss_per_call_kib"] if last["ok"] else None, BUDGET_KIB,
+                " KiB", higher_is_better=False, detail="" if last["ok"] else why),
     ]
-    figures = {"idle_cores": rnd(idle, 4), "steps": rows, "cpu_growth": rnd(growth, 2)}
-    return {"settings": {"steps": list(steps), "audio_s": seconds, "server_settings": settings, "record": rtp_load.RECORD},
+    cpu = ", ".join(f"{row['cpu_per_call_net_pct']} % (N = {row['calls']})" for row in rows)
+    per_packet = ", ".join(f"{row['cpu_us_per_packet']} µs (N = {row['calls']})" for row in rows)
+    line = (f"CPU per call {cpu} of a core; RSS per call {last['rss_per_call_kib']} KiB at N = {last['calls']}; "
+            f"CPU per packet {per_packet}; failing steps: {failing or 'none'}")
+    print(f"\nSUMMARY cost_per_call: {line}", flush=True)
+    figures = {"idle_cores": rnd(idle, 4), "steps": rows, "cpu_growth": rnd(growth, 2), "failing_steps": failing,
+               "summary": line}
+    return {"settings": {"steps": list(steps), "audio_s": seconds, "server_settings": rtp_load.effective_settings(settings),
+                         "record": rtp_load.RECORD},
             "figures": figures, "verdicts": verdicts}
