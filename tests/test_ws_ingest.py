@@ -48,6 +48,7 @@ async def test_interleaved_two_channel_stream_is_two_legs(server, tmp_path):
         assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
     meta = await finish(server, session["uuid"], rid)
     assert sorted(leg["role"] for leg in meta["legs"]) == ["callee", "caller"]
+    assert [leg["packets"] for leg in meta["legs"]] == [len(interleaved) // 640] * 2  # one per audio message
     path = tmp_path / "two.wav"
     path.write_bytes(await server.download(rid))
     pcm, _ = read_audio(path)
@@ -182,6 +183,7 @@ async def test_twilio_media_stream_records_both_tracks_with_dtmf_finish(server, 
     # The stream began just before record/start: the recording holds all of it from then
     # to the digit, which came right after the last media.
     assert caller["audio_ms"] > 1800
+    assert [leg["packets"] for leg in meta["legs"]] == [2 * 8000 // 160] * 2  # one per media message
     assert meta["duration"] == pytest.approx(lead + caller["audio_ms"] / 1000, abs=0.021)
     path = tmp_path / "twilio.wav"
     path.write_bytes(await server.download(rid))
@@ -274,6 +276,7 @@ async def test_a_fast_stream_is_mixed_as_fast_as_it_is_read_and_stops_at_once(tm
     assert np.array_equal(pcm[lead:, 0], audio)
     assert meta["duration"] == pytest.approx(len(pcm) / 8000, abs=1e-6)
     assert meta["legs"][0]["audio_ms"] == 60000.0
+    assert meta["legs"][0]["packets"] == len(data) // step  # counted where the socket is, reported where it is mixed
 
 
 async def test_an_hour_pushed_fast_keeps_the_server_memory_flat(tmp_path):

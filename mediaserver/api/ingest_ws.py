@@ -4,7 +4,14 @@ The parsers in `mediaserver.ws` turn messages into events; this module owns the 
 Bad input closes the socket with the parser's code and reason (1003/1007/1008/1009);
 everything received before it stays in the session, and the session's other legs and its
 recording carry on. A stream faster than real time is read only as fast as the engine
-mixes it (backpressure through TCP), so memory does not grow with it.
+mixes it (backpressure through TCP), so memory does not grow with it. Each message that
+carries audio counts as one of its leg's `packets`.
+
+A Twilio stream authenticates by API headers, by `?session=&token=` in the URL, or, as
+Twilio drops a `<Stream url>`'s query string, by the `token` (and `session`) passed as
+`<Parameter>`s, which arrive in the start message's `customParameters`. Such a stream is
+kept in nothing (no session, no leg) until its start message has been checked; a missing
+or wrong token, or no start within `START_TIMEOUT_S`, closes it with 1008 and a reason.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import re
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from mediaserver import ids
-from mediaserver.api.auth import ingest_app
+from mediaserver.api.auth import app_from_headers, check_token, ingest_app
 from mediaserver.api.keys import CATALOG, CLOCK, CONFIG, ENGINE
 from mediaserver.errors import ServiceError
 from mediaserver.recorder.engine import Engine, LiveSession
@@ -32,6 +39,8 @@ MAX_FRAME_BYTES = 64 * 1024
 # aiohttp refuses a frame by its declared length, before buffering it, above this; below
 # it the parsers refuse anything over MAX_FRAME_BYTES with the frame's kind and size.
 READ_LIMIT_BYTES = 4 * MAX_FRAME_BYTES
+START_TIMEOUT_S = 10.0  # how long a Twilio stream not yet authenticated may wait for its start
+TOKEN_PARAMETER, SESSION_PARAMETER = "token", "session"  # <Parameter> names in customParameters
 
 
 def _session_for_ingest(engine: Engine, app_id: str, uuid: str, source: str, catalog) -> tuple[LiveSession, bool]:
@@ -146,6 +155,7 @@ async def _run_wavstream(ws, engine: Engine, live: LiveSession, role: str, legs:
             elif isinstance(event, wavstream.Audio):
                 for leg_id, samples in zip(legs, event.channels):
                     engine.post_pcm(live, leg_id, samples, event.sample_rate)
+                    engine.count_packets(live, leg_id)
                 await _throttle(engine, live, legs)
             elif isinstance(event, wavstream.Dtmf):
                 live.session.post(("dtmf_now", legs[0], event.digit, "websocket"))
@@ -163,12 +173,15 @@ async def twilio_stream(request: web.Request) -> web.StreamResponse:
     uuid = request.query.get("session")
     if uuid is not None and not ids.is_uuid(uuid):
         raise ServiceError(400, "sessions.invalid_uuid", "session must be a lower-case UUID")
-    caller = ingest_app(app[CONFIG], request, uuid, app[CLOCK].time())
+    caller = app_from_headers(app[CONFIG], request)
+    if caller is None and "token" in request.query:
+        caller = ingest_app(app[CONFIG], request, uuid, app[CLOCK].time())
     engine = app[ENGINE]
-    if uuid is not None:
+    if caller is not None and uuid is not None:
         _session_for_ingest(engine, caller.id, uuid, "twilio", app[CATALOG])  # checks ownership before upgrading
     ws = await _prepare(request)
-    stream = _TwilioStream(engine, caller.id, uuid, app[CATALOG])
+    # Without credentials in the request, the start message's customParameters must carry them.
+    stream = _TwilioStream(engine, caller.id if caller else None, uuid, app[CATALOG], app[CONFIG], app[CLOCK])
     try:
         await stream.run(ws)
     finally:
@@ -179,17 +192,27 @@ async def twilio_stream(request: web.Request) -> web.StreamResponse:
 class _TwilioStream:
     """One Twilio Media Stream: a session (given or made at `start`), a leg per track."""
 
-    def __init__(self, engine: Engine, app_id: str, uuid: str | None, catalog) -> None:
+    def __init__(self, engine: Engine, app_id: str | None, uuid: str | None, catalog, config, clock) -> None:
         self.engine = engine
-        self.app_id = app_id
+        self.app_id = app_id  # None until the start message's credentials are checked
         self.uuid = uuid
         self.catalog = catalog
+        self.config = config
+        self.clock = clock
         self.live: LiveSession | None = None
         self.created = False
         self.legs: dict[str, str] = {}  # role -> leg_id
         self.origin = 0  # timeline position (8 kHz) of the stream's timestamp zero
 
     async def run(self, ws: web.WebSocketResponse) -> None:
+        try:
+            async with asyncio.timeout(None if self.app_id else START_TIMEOUT_S) as deadline:
+                await self._read(ws, deadline)
+        except TimeoutError:
+            await ws.close(code=int(CloseCode.POLICY_VIOLATION),
+                           message=f"no authenticated start message within {START_TIMEOUT_S:.0f} s".encode())
+
+    async def _read(self, ws: web.WebSocketResponse, deadline: asyncio.Timeout) -> None:
         parser = twilio.TwilioParser(max_frame_bytes=MAX_FRAME_BYTES)
         async for kind, data in _messages(ws):
             try:
@@ -202,6 +225,8 @@ class _TwilioStream:
             except ServiceError as exc:
                 await ws.close(code=int(CloseCode.POLICY_VIOLATION), message=exc.message.encode()[:123])
                 return
+            if self.live is not None:
+                deadline.reschedule(None)
             if parser.stopped:
                 await ws.close()
                 return
@@ -213,13 +238,17 @@ class _TwilioStream:
             leg_id = self._leg(event.role)
             pts = self.origin + event.timestamp_ms * 8
             self.engine.post_pcm(self.live, leg_id, event.samples, 8000, pts)
+            self.engine.count_packets(self.live, leg_id)
             await _throttle(self.engine, self.live, [leg_id])
         elif isinstance(event, twilio.Dtmf):
             self.live.session.post(("dtmf_now", self._leg(event.role), event.digit, "twilio"))
 
     def _start(self, event: twilio.TwilioStart) -> None:
+        if self.app_id is None:
+            self._authenticate(event.custom_parameters)
+        params = {k: v for k, v in event.custom_parameters.items() if k != TOKEN_PARAMETER}  # a secret: not kept
         meta = {"stream_sid": event.stream_sid, "call_sid": event.call_sid, "account_sid": event.account_sid,
-                "custom_parameters": event.custom_parameters}
+                "custom_parameters": params}
         if self.uuid is None:
             self.live, self.created = self.engine.create_session(self.app_id, "twilio", None, meta), True
         else:
@@ -227,6 +256,19 @@ class _TwilioStream:
         self.origin = self.live.session.timeline_at(self.engine.clock.monotonic(), 8000)
         for role in event.roles:
             self._leg(role)
+
+    def _authenticate(self, params: dict[str, str]) -> None:
+        """The app of the signed token in `customParameters`; ServiceError (closed 1008) if none."""
+        token = params.get(TOKEN_PARAMETER)
+        uuid = params.get(SESSION_PARAMETER, self.uuid)
+        if token is None:
+            raise ServiceError(401, "auth.unauthorized", "credentials are required: API headers, ?token=, "
+                               "or a 'token' <Parameter> in the start message's customParameters")
+        if uuid is None or not ids.is_uuid(uuid):
+            raise ServiceError(400, "sessions.invalid_uuid", "the 'session' <Parameter> must be a lower-case UUID")
+        if self.uuid is not None and uuid != self.uuid:
+            raise ServiceError(400, "sessions.invalid_uuid", "the 'session' <Parameter> differs from ?session=")
+        self.app_id, self.uuid = check_token(self.config, token, uuid, self.clock.time()).id, uuid
 
     def _leg(self, role: str) -> str:
         if role not in self.legs:

@@ -82,7 +82,7 @@ def _paths() -> dict[str, dict[str, Any]]:
             "get": _op("WebSocket (wavstream) audio of one leg", {101: "switching protocols", 401: "unauthenticated", 403: "another app's session", 409: "session ended"}, params=("uuid", "role", "token"), tags=("ingest",)),
         },
         "/ws/v1/twilio": {
-            "get": _op("WebSocket in the Twilio Media Streams JSON protocol", {101: "switching protocols", 401: "unauthenticated"}, params=("session", "token"), tags=("ingest",)),
+            "get": _op("WebSocket in the Twilio Media Streams JSON protocol; without API headers or ?token=, the session and token may come as start.customParameters (closed with 1008 and a reason when missing or wrong, before any audio is kept)", {101: "switching protocols", 401: "unauthenticated"}, params=("session", "token"), tags=("ingest",)),
         },
         **_whip_paths(),
         "/healthz": {"get": _op("Liveness", {200: "ok"}, tags=("operations",), security=False)},

@@ -4,7 +4,9 @@
   SDP answer (every server candidate in it: no trickle) and a `Location` naming the leg;
   an unknown session is created for the caller, as with the WebSocket ingest.
 - `DELETE` on that location ends the leg → 200. The leg also ends when the client's
-  stream or connection ends, and with its session.
+  stream or connection ends, and with its session; an ended leg's resource answers 404.
+  A leg whose ICE or DTLS failed, or that never received audio, is logged at WARNING and
+  carries `error` (`ice_failed`, `dtls_failed`, `no_media`) in the recording's legs.
 - `OPTIONS` on the endpoint → 204 with `Accept-Post: application/sdp`; `PATCH` on a leg →
   501: neither trickle ICE nor ICE restarts are supported (RFC 9725, "HTTP PATCH Request
   Usage"), so a client sends every candidate in its offer.
@@ -80,6 +82,10 @@ class _LegSink:
         if self.on_session_end in self.live.on_end:
             self.live.on_end.remove(self.on_session_end)
         self.engine.catalog.update_leg(self.leg_id, stats=stats)
+        if stats.get("error"):
+            log.warning("WHIP leg %s (%s) of session %s failed: %s (connection %s)", self.leg_id,
+                        self.live.legs.get(self.leg_id), self.live.uuid, stats["error"], stats.get("connection"))
+            self.engine.fail_leg(self.live, self.leg_id, stats["error"])
         if self.engine.sessions.get(self.live.uuid) is not self.live:
             return  # the session is over: its legs were ended with it
         self.engine.end_leg(self.live, self.leg_id)

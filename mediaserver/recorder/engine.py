@@ -195,6 +195,18 @@ class Engine:
             return await RemoteRtpMedia.open(live.session, leg_id, formats, hold_s)
         return await RtpMedia.open(self.rtp_ports, self.clock, live.session, leg_id, formats, hold_s)
 
+    def count_packets(self, live: LiveSession, leg_id: str, n: int = 1) -> None:
+        """`n` more messages carrying audio received on a leg (its `packets` in the legs' stats)."""
+        leg = live.session.inputs.get(leg_id)
+        if leg is not None:
+            leg.packets += n
+
+    def fail_leg(self, live: LiveSession, leg_id: str, reason: str) -> None:
+        """The leg never carried media, for `reason`: shown as its `error` in the legs' stats."""
+        leg = live.session.inputs.get(leg_id)
+        if leg is not None and leg.error is None:
+            leg.error = reason
+
     def count_dropped(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
@@ -456,6 +468,9 @@ class Engine:
             "command_uid": row["command_uid"],
             "termination_reason": row["termination_reason"],
             "finish_key": row["finish_key"],
+            # legs that never carried media, and why (ice_failed, dtls_failed, no_media)
+            "failed_legs": [{"leg_id": leg["leg_id"], "role": leg["role"], "error": leg["error"]}
+                            for leg in row["legs"] or [] if leg.get("error")],
         }
         self.outbox.emit(row["app_id"], "recording.completed", payload)
         action_url = row["options"].get("action_url")

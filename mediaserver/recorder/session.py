@@ -18,6 +18,8 @@ Message kinds (tuples, first item the kind); `add_leg` and `post_pcm` make the f
 - ("dtmf_now", leg_id, digit, source)    a digit signalled without a time (WebSocket):
                                         placed where the leg's audio has got to
 - ("end", leg_id, at_mono)
+- ("counters", leg_id, packets, lost, error)  what the ingest side counted of a leg whose
+                                        audio it posts as PCM (sent by a worker's stand-in)
 - ("start", RecordingSpec or Recording, at_mono) / ("command", kind, behavior, at_mono)
 - ("tap", listener, attach)              a live listener of the active recording's audio
 - ("hangup", at_mono)
@@ -70,6 +72,7 @@ class LegInput:
     lost: int = 0
     malformed: int = 0
     decode_errors: int = 0
+    error: str | None = None  # why the leg never carried media (ice_failed, dtls_failed, no_media)
     joined_at: int = 0  # timeline position at the mixer's rate
     dtmf: list[DtmfEvent] = field(default_factory=list)
 
@@ -290,6 +293,10 @@ class Session:
             self._dtmf_now(*message[1:])
         elif kind == "add":
             self._add(message[1], message[2])
+        elif kind == "counters":
+            leg = self.inputs.get(message[1])
+            if leg is not None:
+                leg.packets, leg.lost, leg.error = message[2], message[3], message[4]
         elif kind == "end":
             if message[1] in self.mixer.legs:  # not when the hangup has ended it already
                 self.mixer.end_leg(message[1], max(self.timeline(message[2]), self.mixer.cursor) if self.live else None)
@@ -485,7 +492,8 @@ class Session:
             self._checkpoint = (recording.sink.written, now)
 
     def _legs_view(self, recording: Recording) -> list[dict[str, Any]]:
-        counters = {leg.leg_id: {"packets": leg.packets, "lost": leg.lost, "malformed": leg.malformed, "decode_errors": leg.decode_errors}
+        counters = {leg.leg_id: {"packets": leg.packets, "lost": leg.lost, "malformed": leg.malformed, "decode_errors": leg.decode_errors,
+                                 "error": leg.error}
                     for leg in list(self.inputs.values())}
         return legs_view(recording, counters)
 

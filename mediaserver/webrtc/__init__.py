@@ -3,6 +3,7 @@
 - `offer`: the SDP offer, checked before a peer connection exists (400 / 406 material).
 - `ice`: ICE host candidates on the address the server listens on.
 - `audio`: decoded frames to mono int16, lost packets to silence.
+- `dtls`: the DTLS role and suites other stacks need, and the end of a stream drained.
 - `peer`: one leg's receive-only peer connection and its receiving task.
 - `service`: every peer of the process, and how each one ends.
 

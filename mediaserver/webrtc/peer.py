@@ -10,6 +10,13 @@ hands them to the sink as mono int16 with gaps filled (`FrameClock`). The leg en
 the client's stream ends, when the connection fails or closes, or when no audio has
 arrived within `connect_timeout_s`; the peer then calls `on_done(peer)` and whoever owns
 it calls `close()`, which closes the peer connection, stops the task and tells the sink.
+
+The answer takes the passive DTLS role when the offer leaves the choice (see `dtls`),
+and the packets still in aiortc's jitter buffer when the stream ends are decoded, so a
+leg's audio ends with the last packet received. A leg that never became a working
+stream says why in `error`: "ice_failed" or "dtls_failed" (the connection failed at that
+step, or had not got past it within `connect_timeout_s`) or "no_media" (connected, but
+not a single audio frame came).
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from mediaserver.errors import CodecError, ServiceError
 from mediaserver.media import SUPPORTED_RATES
-from mediaserver.webrtc import ice
+from mediaserver.webrtc import dtls, ice
 from mediaserver.webrtc.audio import FrameClock, mono_s16
 from mediaserver.webrtc.offer import ACCEPTED_CODECS, Offer, OfferError
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 2.0  # how long close() waits for the last decoded frames
+ICE_FAILED, DTLS_FAILED, NO_MEDIA = "ice_failed", "dtls_failed", "no_media"
 
 
 class AudioSink(Protocol):
@@ -62,6 +71,7 @@ class IngestPeer:
         self.frames = 0
         self.lost = 0  # packets, estimated from the samples missing
         self.dropped = 0  # frames received but unusable
+        self.error: str | None = None  # why the leg never became a working stream
         self.clock = FrameClock()
         self._sink = sink
         self._addresses = addresses
@@ -70,8 +80,10 @@ class IngestPeer:
         # No STUN servers: the server's own address is the one to offer, and the default
         # (a public STUN server) would stall gathering on a machine without internet.
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        dtls.accept_rsa_peers(self._pc)
         self._pc.on("connectionstatechange", self._connection_state_changed)
         self._task: asyncio.Task | None = None
+        self._transport = None  # the audio's DTLS transport, once the offer is applied
         self._closed: asyncio.Event | None = None
 
     @property
@@ -85,11 +97,14 @@ class IngestPeer:
 
     async def answer(self, offer_sdp: str) -> str:
         """The SDP answer to `offer_sdp`, with every local candidate; raises OfferError."""
-        Offer.parse(offer_sdp)
+        offer = Offer.parse(offer_sdp)
         transceiver = self._pc.addTransceiver("audio", direction="recvonly")
         transceiver.setCodecPreferences(_accepted_capabilities())
+        dtls.drain_on_stop(transceiver.receiver)
         await self._apply_offer(offer_sdp)
+        self._transport = transceiver.receiver.transport
         for other in self._pc.getTransceivers():
+            dtls.answer_passive(other.receiver, offer.audio.attributes.get("setup"))
             if other is not transceiver:
                 other.direction = "inactive"
         try:
@@ -125,7 +140,10 @@ class IngestPeer:
                 frame = await track.recv()
         except MediaStreamError:
             log.debug("WHIP %s: the audio track ended", self.id)
+            if self.frames == 0:
+                self._fail(NO_MEDIA)
         except TimeoutError:
+            self._fail(self._stalled_step())
             log.info("WHIP %s: no audio within %.0f s; ending the leg", self.id, self._connect_timeout_s)
         except Exception:
             log.exception("WHIP %s: receiving audio failed", self.id)
@@ -153,15 +171,37 @@ class IngestPeer:
         """What this leg received, as kept with the leg when it ends."""
         rate = self.clock.rate or 1
         return {"frames": self.frames, "lost": self.lost, "inserted_silence_ms": round(self.clock.filled * 1000 / rate, 1),
-                "dropped": self.dropped, "connection": self._pc.connectionState}
+                "dropped": self.dropped, "connection": self._pc.connectionState, "error": self.error}
 
     def _drop(self, reason: str) -> None:
         self.dropped += 1
         self._sink.dropped(reason, 1)
 
+    def _fail(self, reason: str) -> None:
+        if self.error is None:  # the first cause stands: a failed DTLS also ends with no media
+            self.error = reason
+
     def _connection_state_changed(self) -> None:
+        if self._pc.connectionState == "failed":
+            self._fail(self._failed_step())
         if self._pc.connectionState in ("failed", "closed"):
             self._on_done(self)
+
+    def _stalled_step(self) -> str:
+        """Why nothing came within the timeout: the step the connection never got past."""
+        if self._transport is None or self._transport.transport.state not in ("connected", "completed"):
+            return ICE_FAILED
+        if self._transport.state != "connected":
+            return DTLS_FAILED
+        return NO_MEDIA
+
+    def _failed_step(self) -> str:
+        # aiortc starts DTLS only once ICE has connected; an ICE failure leaves it "new".
+        if self._transport is not None and self._transport.transport.state == "failed":
+            return ICE_FAILED
+        if self._transport is not None and self._transport.state == "failed":
+            return DTLS_FAILED
+        return ICE_FAILED
 
     async def close(self) -> None:
         """Close the peer connection, stop receiving and end the leg; safe to call again."""
@@ -170,19 +210,24 @@ class IngestPeer:
             return
         self._closed = asyncio.Event()
         state = self._pc.connectionState
+        started = self.frames > 0 or state == "connected"
         try:
             await self._pc.close()
         finally:
             try:
-                await self._stop_receiving()
+                await self._stop_receiving(started)
                 await self._sink.ended({**self.stats(), "connection": state})
             finally:
                 self._closed.set()
 
-    async def _stop_receiving(self) -> None:
-        # Closing the peer connection ends the track, so the task is normally finishing
-        # already; it catches everything but cancellation, so waiting raises nothing.
+    async def _stop_receiving(self, started: bool) -> None:
+        # Closing a connected peer stops the decoder after the buffered packets, whose
+        # frames, then the end of the track, reach the task a moment later: it reads them
+        # before it is cancelled. It catches everything but cancellation, so waiting raises
+        # nothing. A peer that never connected has no decoder to end its track.
         if self._task is not None:
+            if started:
+                await asyncio.wait([self._task], timeout=DRAIN_TIMEOUT_S)
             self._task.cancel()
             await asyncio.wait([self._task])
 
