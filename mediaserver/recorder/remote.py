@@ -29,6 +29,8 @@ from mediaserver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
+COUNTERS_EVERY = 50  # packets of a PCM leg between two updates of its counters (1 s at 20 ms)
+
 
 class WorkerGone(OSError):
     """The worker process running a session has exited."""
@@ -187,6 +189,7 @@ class RemoteSession:
         self.rate = rate
         self.inputs: dict[str, LegInput] = {}
         self.inbox: deque = deque()  # always empty here: the worker has the real one
+        self._counted: dict[str, int] = {}  # leg_id -> its packets when its counters were last sent
         self.ended = False
         shard.sessions[uuid] = self
         shard.send(("session", uuid, app_id, t0, rate, jitter_s))
@@ -198,6 +201,10 @@ class RemoteSession:
             if token is None:
                 return
             message = ("tap", token, attach)
+        elif message[0] in ("hangup", "command"):
+            for leg in list(self.inputs.values()):  # the legs' stats the recording reports are up to date
+                if leg.packets != self._counted.get(leg.leg_id, 0) or leg.error is not None:
+                    self._send_counters(leg)
         self.shard.send(("post", self.uuid, message))
 
     @property
@@ -221,9 +228,20 @@ class RemoteSession:
         leg.posted += len(samples)
         leg.posted_rate = rate
         self.post(("pcm", leg_id, samples, rate, pts, at_mono))
+        if leg.packets - self._counted.get(leg_id, 0) >= COUNTERS_EVERY:
+            self._send_counters(leg)
 
     def end_leg(self, leg_id: str, at_mono: float) -> None:
+        leg = self.inputs.get(leg_id)
+        if leg is not None:
+            self._send_counters(leg)
         self.post(("end", leg_id, at_mono))
+
+    def _send_counters(self, leg: LegInput) -> None:
+        """What ingest counted here of a PCM leg (packets, lost, error), for the legs' stats
+        that the worker's session reports."""
+        self._counted[leg.leg_id] = leg.packets
+        self.post(("counters", leg.leg_id, leg.packets, leg.lost, leg.error))
 
     def timeline_at(self, mono: float, rate: int) -> int:
         return max(int((mono - self.t0) * rate), 0)
