@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class LatenessHistogram:
-    """How late each processing tick started, as a cumulative histogram (Prometheus style)."""
+    """How late each processing tick came (its start, or the most overdue session turn it ran
+    when that waited longer behind other work), as a cumulative histogram (Prometheus style)."""
 
     BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -98,6 +99,7 @@ class Processor:
         self._on_results = on_results
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self._task: asyncio.Task | None = None
+        self.turn_lateness = 0.0  # how much later than its tick the last batch's most overdue turn came
         self._wake = asyncio.Event()  # a hurried session waits: run the turns without waiting for the tick
 
     def add(self, session: Session) -> None:
@@ -139,10 +141,13 @@ class Processor:
         due = loop.time()
         while True:
             ticked = loop.time() >= due
-            if ticked:
-                self.lateness.observe(loop.time() - due)
+            tick_late = loop.time() - due if ticked else None
             self._wake.clear()
-            results = await loop.run_in_executor(self._executor, self._turns, self.clock.monotonic())
+            now = self.clock.monotonic()
+            await read_backlog()
+            results = await loop.run_in_executor(self._executor, self._turns, now)
+            if tick_late is not None:
+                self.lateness.observe(max(tick_late, self.turn_lateness))
             if results:
                 await self._on_results(results)
                 for result in results:
@@ -173,16 +178,22 @@ class Processor:
         """
         results = []
         period = self.config.process_ms / 1000
+        overdue = 0.0
         for session in list(self.sessions.values()):
             hurried = session.hurry
             if now < session.next_process and not session.ended and not hurried and not session.hangup_posted:
                 continue
             session.hurry = False
+            overdue = max(overdue, now - session.next_process)
             if now >= session.next_process:
                 # A hurried turn leaves the schedule alone: were it to count as a regular
                 # turn, a fast stream's many hurried turns would push the next regular one
                 # far into the future, and a command posted after the stream would wait for it.
-                session.next_process = max(session.next_process + period, now)
+                # A turn that comes late (a stall) moves the next one by whole periods, which
+                # keeps the session's place in the spread: were every overdue session due at
+                # the end of the stall, they would all fall due together from then on, and
+                # one tick would hold the work of them all.
+                session.next_process += period * ((now - session.next_process) // period + 1)
             try:
                 events = session.process(now)
             except Exception as exc:  # a bug in one call must not stop the others
@@ -193,7 +204,29 @@ class Processor:
             # A hurried turn is always reported: the ingest that hurried it waits to hear.
             if events or ended or hurried or (self.report_progress and session.takes_pcm):
                 results.append(Result(session.uuid, events, ended))
+        # A turn due within the last tick is on time; one due longer ago waited behind the
+        # work of other sessions (a batch that took longer than its tick), which the tick's
+        # own start does not show.
+        self.turn_lateness = max(overdue - self.config.tick_ms / 1000, 0.0)
         return results
+
+
+async def read_backlog() -> None:
+    """Let the event loop poll its sockets and run what the poll brought, before a turn
+    that reads the clock from before the poll.
+
+    A live mix reads up to `jitter_ms` behind the clock reading it is given: audio that
+    reached a socket before that reading must be in its session by then. When this
+    process stalls (a garbage collection, a long callback, the processing thread holding
+    the interpreter) the datagrams wait in the kernel; a turn that read the clock after
+    the stall with no poll in between would mix past them and drop them as late, counting
+    the process's own stall as network lateness. Each yield is one pass of the loop
+    (asyncio runs I/O callbacks after the callbacks already queued, uvloop before them):
+    two passes hold a whole poll and its callbacks whichever loop runs. One poll reads up
+    to 32 datagrams a socket with uvloop (what the worker runs), 640 ms of a 20 ms stream.
+    """
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 def contain(session: Session, exc: Exception) -> list:
