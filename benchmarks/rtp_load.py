@@ -135,7 +135,8 @@ def _lateness(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     result: dict[str, float | None] = {"ticks": total}
     for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
         bound = next((le for le, count in buckets if count >= q * total), None) if total else None
-        result[name] = None if bound is None else bound * 1000
+        # Past the largest bound (+Inf) there is no figure to give: None, which fails the step.
+        result[name] = None if bound is None or bound == float("inf") else bound * 1000
     return result
 
 

@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class LatenessHistogram:
-    """How late each processing tick came (its start, or the most overdue session turn it ran
-    when that waited longer behind other work), as a cumulative histogram (Prometheus style)."""
+    """How late each processing tick started, as a cumulative histogram (Prometheus style)."""
 
     BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -99,7 +98,6 @@ class Processor:
         self._on_results = on_results
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self._task: asyncio.Task | None = None
-        self.turn_lateness = 0.0  # how much later than its tick the last batch's most overdue turn came
         self._wake = asyncio.Event()  # a hurried session waits: run the turns without waiting for the tick
 
     def add(self, session: Session) -> None:
@@ -141,13 +139,12 @@ class Processor:
         due = loop.time()
         while True:
             ticked = loop.time() >= due
-            tick_late = loop.time() - due if ticked else None
+            if ticked:
+                self.lateness.observe(loop.time() - due)
             self._wake.clear()
             now = self.clock.monotonic()
             await read_backlog()
             results = await loop.run_in_executor(self._executor, self._turns, now)
-            if tick_late is not None:
-                self.lateness.observe(max(tick_late, self.turn_lateness))
             if results:
                 await self._on_results(results)
                 for result in results:
@@ -178,13 +175,11 @@ class Processor:
         """
         results = []
         period = self.config.process_ms / 1000
-        overdue = 0.0
         for session in list(self.sessions.values()):
             hurried = session.hurry
             if now < session.next_process and not session.ended and not hurried and not session.hangup_posted:
                 continue
             session.hurry = False
-            overdue = max(overdue, now - session.next_process)
             if now >= session.next_process:
                 # A hurried turn leaves the schedule alone: were it to count as a regular
                 # turn, a fast stream's many hurried turns would push the next regular one
@@ -204,10 +199,6 @@ class Processor:
             # A hurried turn is always reported: the ingest that hurried it waits to hear.
             if events or ended or hurried or (self.report_progress and session.takes_pcm):
                 results.append(Result(session.uuid, events, ended))
-        # A turn due within the last tick is on time; one due longer ago waited behind the
-        # work of other sessions (a batch that took longer than its tick), which the tick's
-        # own start does not show.
-        self.turn_lateness = max(overdue - self.config.tick_ms / 1000, 0.0)
         return results
 
 
