@@ -23,7 +23,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 def _lateness(histogram) -> list[str]:
     lines = [
-        "# HELP mediaserver_tick_lateness_seconds How late each processing tick, or the most overdue session turn it ran, came.",
+        "# HELP mediaserver_tick_lateness_seconds How late each processing tick started.",
         "# TYPE mediaserver_tick_lateness_seconds histogram",
     ]
     cumulative = 0
