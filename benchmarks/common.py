@@ -95,7 +95,8 @@ def commit_info() -> dict[str, Any]:
         return {"commit": None, "dirty": None, "dirty_files": None}
     out = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no"],
                          capture_output=True, text=True, check=False, timeout=30).stdout
-    changed = sorted(line[3:] for line in out.splitlines() if line.strip())
+    # Results files written earlier in the same run change no code that is measured.
+    changed = sorted(line[3:] for line in out.splitlines() if line.strip() and not line[3:].startswith("benchmarks/results/"))
     return {"commit": head, "dirty": bool(changed), "dirty_files": changed}
 
 
