@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -100,3 +101,23 @@ def best_lag(a: np.ndarray, b: np.ndarray, max_lag: int) -> tuple[int, float]:
         if c > best[1]:
             best = (lag, c)
     return best
+
+
+class MemorySink:
+    """An encoder's sink in memory (write and patch), read back as int16 PCM."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.seek(0, io.SEEK_END)
+        self.buffer.write(data)
+
+    def patch(self, offset: int, data: bytes) -> None:
+        self.buffer.seek(offset)
+        self.buffer.write(data)
+
+    def pcm(self) -> np.ndarray:
+        self.buffer.seek(0)
+        data, _ = soundfile.read(self.buffer, dtype="int16", always_2d=True)
+        return data

@@ -1,13 +1,11 @@
 """The recording engine: every termination reason exact to one 20 ms frame, pause, trim,
 the finish key's tone cut out, per-leg statistics."""
 
-import io
 
 import numpy as np
 import pytest
-import soundfile
 
-from audio import dtmf, noise, silence, tone
+from audio import MemorySink, dtmf, noise, silence, tone
 from mediaserver.dsp.dtmf import DtmfDetector
 from mediaserver.encoding import make_encoder
 from mediaserver.media import DtmfEvent
@@ -18,24 +16,6 @@ from mediaserver.recorder.session import Session
 
 RATE = 8000
 FRAME = RATE // 50  # one 20 ms frame
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.buffer = io.BytesIO()
-
-    def write(self, data: bytes) -> None:
-        self.buffer.seek(0, io.SEEK_END)
-        self.buffer.write(data)
-
-    def patch(self, offset: int, data: bytes) -> None:
-        self.buffer.seek(offset)
-        self.buffer.write(data)
-
-    def pcm(self) -> np.ndarray:
-        self.buffer.seek(0)
-        data, _ = soundfile.read(self.buffer, dtype="int16", always_2d=True)
-        return data
 
 
 def record(legs, block=1000, commands=(), detect=False, dtmf_events=(), **options):

@@ -2,14 +2,12 @@
 a stream held up by a busy server, and many calls in worker processes ending mid-stream."""
 
 import asyncio
-import io
 
 import aiohttp
 import numpy as np
 import pytest
-import soundfile
 
-from audio import tone
+from audio import MemorySink, tone
 from mediaserver.encoding import make_encoder
 from mediaserver.options import RecordingOptions
 from mediaserver.recorder.recording import Recording
@@ -20,24 +18,6 @@ pytestmark = pytest.mark.timeout(120)
 
 RATE = 8000
 FRAME = 160  # 20 ms
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.buffer = io.BytesIO()
-
-    def write(self, data: bytes) -> None:
-        self.buffer.seek(0, io.SEEK_END)
-        self.buffer.write(data)
-
-    def patch(self, offset: int, data: bytes) -> None:
-        self.buffer.seek(offset)
-        self.buffer.write(data)
-
-    def pcm(self) -> np.ndarray:
-        self.buffer.seek(0)
-        data, _ = soundfile.read(self.buffer, dtype="int16", always_2d=True)
-        return data
 
 
 def live_call(channels: int = 1) -> tuple[Session, MemorySink]:
