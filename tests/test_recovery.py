@@ -12,7 +12,7 @@ import pytest
 from audio import ffprobe, tone
 from rtp_sender import Impairments, impair, packetize, send_async
 from servers import APP1, APP2
-from serverproc import ServerProcess
+from serverproc import ServerProcess, settled
 from webhook_receiver import Receiver
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,12 +44,7 @@ async def test_a_recording_survives_a_crash(tmp_path, fmt):
         rid = await stream_then_crash(server, fmt, 3.0)
         server.start()
         async with aiohttp.ClientSession(server.base_url, headers=HEADERS) as http:
-            for _ in range(100):
-                async with http.get(f"/api/v1/recordings/{rid}") as response:
-                    meta = await response.json()
-                if meta["state"] == "completed":
-                    break
-                await asyncio.sleep(0.1)
+            meta = await settled(http, rid)
             assert meta["state"] == "completed", meta
             assert meta["termination_reason"] == "error" and "stopped during the recording" in meta["error"]
             async with http.get(f"/api/v1/recordings/{rid}/download", allow_redirects=True) as response:
@@ -100,12 +95,7 @@ async def test_a_crash_keeps_the_leg_stats_and_announces_the_sessions_it_ended(t
                     server.kill()
             server.start()
             async with aiohttp.ClientSession(server.base_url, headers=HEADERS) as http:
-                for _ in range(100):
-                    async with http.get(f"/api/v1/recordings/{rid}") as response:
-                        meta = await response.json()
-                    if meta["state"] == "completed":
-                        break
-                    await asyncio.sleep(0.1)
+                meta = await settled(http, rid)
                 async with http.get(f"/api/v1/sessions/{uuid}") as response:
                     ended = await response.json()
             assert meta["state"] == "completed" and meta["termination_reason"] == "error", meta

@@ -11,7 +11,7 @@ import pytest
 
 from audio import best_lag, correlation, noise, read_audio, speech, tone
 from mediaserver.codecs.g711 import encode_ulaw
-from serverproc import ServerProcess
+from serverproc import ServerProcess, settled
 from servers import APP1, APP2, Server
 
 pytestmark = pytest.mark.timeout(90)
@@ -300,12 +300,7 @@ async def test_an_hour_pushed_fast_keeps_the_server_memory_flat(tmp_path):
                 rss.append(server.rss_kib())
             async with http.post(f"/api/v1/sessions/{session['uuid']}/commands/record/stop", json={}) as response:
                 assert response.status == 202
-            for _ in range(600):
-                async with http.get(f"/api/v1/recordings/{rid}") as response:
-                    meta = await response.json()
-                if meta["state"] == "completed":
-                    break
-                await asyncio.sleep(0.05)
+            meta = await settled(http, rid, tries=600, every_s=0.05)
     assert meta["state"] == "completed" and meta["legs"][0]["audio_ms"] == 3600000.0
     # After the first five minutes (encoder, buffers and allocator warmed up) an hour of
     # audio read as fast as it comes costs no more memory than the first minutes did.
