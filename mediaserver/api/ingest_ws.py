@@ -153,8 +153,9 @@ async def _run_wavstream(ws, engine: Engine, live: LiveSession, role: str, legs:
                 roles = wavstream.CHANNEL_ROLES if event.channels == 2 else (role,)
                 legs.extend(engine.add_leg(live, r, "websocket") for r in roles)
             elif isinstance(event, wavstream.Audio):
+                arrived = engine.monotonic()
                 for leg_id, samples in zip(legs, event.channels):
-                    engine.post_pcm(live, leg_id, samples, event.sample_rate)
+                    engine.post_pcm(live, leg_id, samples, event.sample_rate, at_mono=arrived)
                     engine.count_packets(live, leg_id)
                 await _throttle(engine, live, legs)
             elif isinstance(event, wavstream.Dtmf):

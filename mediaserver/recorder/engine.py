@@ -175,10 +175,16 @@ class Engine:
         self.catalog.add_leg(leg_id, live.uuid, role, kind, self.clock.time())
         return leg_id
 
-    def post_pcm(self, live: LiveSession, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None) -> None:
+    def post_pcm(self, live: LiveSession, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None,
+                 at_mono: float | None = None) -> None:
+        """PCM of a leg that arrived at `at_mono` (now by default): the channels of one
+        frame pass the same arrival, so legs that begin together are placed together."""
         self.counters["frames_in"] += 1
         self.counters["samples_in"] += len(samples)
-        live.session.post_pcm(leg_id, samples, rate, pts, self.clock.monotonic())
+        live.session.post_pcm(leg_id, samples, rate, pts, self.clock.monotonic() if at_mono is None else at_mono)
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
 
     def _new_session(self, uuid: str, app_id: str) -> Session | RemoteSession:
         t0, jitter = self.clock.monotonic(), self.config.jitter_ms / 1000
