@@ -159,7 +159,7 @@ async def _run_wavstream(ws, engine: Engine, live: LiveSession, role: str, legs:
                     engine.count_packets(live, leg_id)
                 await _throttle(engine, live, legs)
             elif isinstance(event, wavstream.Dtmf):
-                live.session.post(("dtmf_now", legs[0], event.digit, "websocket"))
+                live.session.dtmf_now(legs[0], event.digit, "websocket")
             elif isinstance(event, wavstream.Stopped):
                 if not ws.closed:
                     await ws.close()
@@ -242,7 +242,7 @@ class _TwilioStream:
             self.engine.count_packets(self.live, leg_id)
             await _throttle(self.engine, self.live, [leg_id])
         elif isinstance(event, twilio.Dtmf):
-            self.live.session.post(("dtmf_now", self._leg(event.role), event.digit, "twilio"))
+            self.live.session.dtmf_now(self._leg(event.role), event.digit, "twilio")
 
     def _start(self, event: twilio.TwilioStart) -> None:
         if self.app_id is None:

@@ -245,10 +245,10 @@ class Engine:
 
     def add_tap(self, live: LiveSession, listener: Callable) -> None:
         """`listener(pcm)` gets what the active recording encodes, then None at its end."""
-        live.session.post(("tap", listener, True))
+        live.session.tap(listener, True)
 
     def remove_tap(self, live: LiveSession, listener: Callable) -> None:
-        live.session.post(("tap", listener, False))
+        live.session.tap(listener, False)
 
     def backlog_seconds(self, live: LiveSession, leg_id: str) -> float:
         leg = live.session.inputs.get(leg_id)
@@ -276,7 +276,7 @@ class Engine:
         if live is None or live.ending:
             return
         live.ending = True
-        live.session.post(("hangup", self.clock.monotonic()))
+        live.session.hangup(self.clock.monotonic())
 
     # -- commands ----------------------------------------------------------------------
 
@@ -298,12 +298,12 @@ class Engine:
         spec = RecordingSpec(rid, options, str(spool_path), self.config.mp3_quality, self.config.opus_complexity,
                              self.config.wav_buffer_ms, self.config.silence_threshold_dbfs)
         live.recording = live.recordings[rid] = rec
-        live.session.post(("start", spec, self.clock.monotonic()))
+        live.session.start_recording(spec, self.clock.monotonic())
         return rec
 
     def command_recording(self, live: LiveSession, kind: str, behavior: str = "skip") -> LiveRecording:
         rec = live.recording
-        live.session.post(("command", kind, behavior, self.clock.monotonic()))
+        live.session.command(kind, behavior, self.clock.monotonic())
         rec.state = {"pause": "paused", "resume": "recording", "stop": "stopping"}[kind]
         return rec
 

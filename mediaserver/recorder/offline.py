@@ -86,7 +86,7 @@ def _run(files, inputs, output, options, settings, threshold) -> dict[str, Any]:
     try:
         session = Session("offline", "offline", 0.0, options.sample_rate, live=False)
         recording = Recording("offline", options, 0, encoder, spool, silence_threshold_dbfs=threshold)
-        session.post(("start", recording, 0.0))
+        session.start_recording(recording, 0.0)
         legs = [session.add_leg(f"leg{i}", role_for(i), 0.0) for i in range(len(files))]
         _pump(session, files, legs, recording)
         spool.close()
@@ -110,7 +110,7 @@ def _pump(session: Session, files, legs, recording: Recording) -> None:
                 session.end_leg(legs[index].leg_id, 0.0)
                 open_files.remove(index)
         session.process(0.0)
-    session.post(("hangup", 0.0))
+    session.hangup(0.0)
     session.process(0.0, flush=True)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from mediaserver.config import Config
 from mediaserver.recorder.processor import LatenessHistogram, Result
 from mediaserver.recorder.rtpmedia import format_spec
-from mediaserver.recorder.session import LegInput
+from mediaserver.recorder.session import LegInput, PostingCalls
 from mediaserver.recorder.wire import Channel
 from mediaserver.tasks import cancel_and_wait
 
@@ -176,7 +176,7 @@ class RemoteShard:
         self.dropped = stats["dropped"]
 
 
-class RemoteSession:
+class RemoteSession(PostingCalls):
     """A session that runs in a worker process, as the server process sees it."""
 
     live = True

@@ -48,7 +48,7 @@ class RtpMedia:
         endpoint = RtpEndpoint(clock.monotonic)
         await pool.open(endpoint)
         receiver = RtpReceiver(formats, session.t0, functools.partial(session.post_encoded, leg_id),
-                               functools.partial(_post_dtmf, session, leg_id), session.inputs[leg_id], leg_id, hold_s)
+                               functools.partial(session.dtmf, leg_id), session.inputs[leg_id], leg_id, hold_s)
         endpoint.sink = receiver
         return cls(endpoint, receiver)
 
@@ -80,7 +80,3 @@ class RtpMedia:
             "rtcp_malformed": endpoint.stats.rtcp_malformed, "foreign_source": endpoint.stats.foreign,
             "relatched": endpoint.stats.relatched, "errors": endpoint.stats.errors, "port": endpoint.port,
         }
-
-
-def _post_dtmf(session: Session, leg_id: str, event) -> None:
-    session.post(("dtmf", leg_id, event))

@@ -110,7 +110,38 @@ class _Run:
         return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
 
-class Session:
+class PostingCalls:
+    """What ingest, commands and the engine ask of a session, as messages into its inbox;
+    shared by the in-process `Session` and a worker's `RemoteSession`."""
+
+    def post(self, message: tuple) -> None:
+        raise NotImplementedError
+
+    def dtmf(self, leg_id: str, event: DtmfEvent) -> None:
+        """An RFC 4733 key press, placed at the event's own timestamp."""
+        self.post(("dtmf", leg_id, event))
+
+    def dtmf_now(self, leg_id: str, digit: str, source: str) -> None:
+        """A digit signalled without a time (WebSocket): placed where the leg's audio has got to."""
+        self.post(("dtmf_now", leg_id, digit, source))
+
+    def start_recording(self, recording, at_mono: float) -> None:
+        """Start `recording` (a RecordingSpec, or a Recording offline) where `at_mono` falls."""
+        self.post(("start", recording, at_mono))
+
+    def command(self, kind: str, behavior: str, at_mono: float) -> None:
+        """pause, resume or stop the active recording."""
+        self.post(("command", kind, behavior, at_mono))
+
+    def tap(self, listener, attach: bool) -> None:
+        """Attach (or detach) a live listener of the active recording's audio."""
+        self.post(("tap", listener, attach))
+
+    def hangup(self, at_mono: float) -> None:
+        self.post(("hangup", at_mono))
+
+
+class Session(PostingCalls):
     """One call's audio path, driven by `process()` on the processing thread."""
 
     def __init__(self, uuid: str, app_id: str, t0: float, rate: int = 8000, *, live: bool = True, jitter_s: float = 0.08) -> None:
