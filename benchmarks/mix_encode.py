@@ -94,7 +94,7 @@ def _recording(output: Path, fmt: str, bitrate: int | None, mp3_quality: int, op
     spool = Spool(output)
     session = Session("bench", "bench", 0.0, RATE, live=False)
     recording = Recording("bench", options, 0, encoder, spool)
-    session.post(("start", recording, 0.0))
+    session.start_recording(recording, 0.0)
     leg_ids = [session.add_leg(f"leg{i}", role_for(i), 0.0).leg_id for i in range(legs)]
     return session, recording, spool, leg_ids
 
@@ -102,7 +102,7 @@ def _recording(output: Path, fmt: str, bitrate: int | None, mp3_quality: int, op
 def _finish(session: Session, leg_ids: list[str]) -> None:
     for leg_id in leg_ids:
         session.end_leg(leg_id, 0.0)
-    session.post(("hangup", 0.0))
+    session.hangup(0.0)
     session.process(0.0, flush=True)
 
 
@@ -152,7 +152,7 @@ def engine_record_1s(payloads: Sequence[Sequence[bytes]], output: Path, fmt: str
 
 
 def _dtmf(session: Session, leg_id: str, event) -> None:
-    session.post(("dtmf", leg_id, event))
+    session.dtmf(leg_id, event)
 
 
 def rtp_packets(data: bytes, ssrc: int) -> tuple[bytes, ...]:

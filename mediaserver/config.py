@@ -35,6 +35,83 @@ class App:
     webhook_secret: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessingSettings:
+    """What a processing thread's loop needs: its tick and each session's turn."""
+
+    tick_ms: int = 20
+    process_ms: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """What a worker process is started with (pickled to it): its loop's processing, where
+    its RTP sockets bind from, and how much it logs."""
+
+    processing: ProcessingSettings
+    rtp_host: str
+    rtp_port_min: int
+    rtp_port_max: int
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderSettings:
+    """How every recording's encoder and silence judge are set up."""
+
+    mp3_quality: int
+    opus_complexity: int
+    wav_buffer_ms: int
+    silence_threshold_dbfs: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSettings:
+    """When new calls are refused (see `recorder.admission`)."""
+
+    max_calls: int = 0  # 0: no fixed limit
+    overload_lateness_ms: float = 200.0
+    overload_hold_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """What the engine needs: where sessions run and how, what recordings start from,
+    where their spools and objects go, and what the archive keeps for how long."""
+
+    workers: int
+    worker: WorkerSettings
+    processing: ProcessingSettings
+    jitter_ms: int
+    session_idle_s: float
+    command_cooldown_s: float
+    defaults: RecordingOptions
+    spool_dir: Path
+    key_template: str
+    encoders: EncoderSettings
+    base_url: str
+    recording_base_url: str
+    retention_hours: float
+    sweep_every_s: float
+    admission: AdmissionSettings
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    """Where and how recordings are stored in S3; checked with the rest of the config."""
+
+    endpoint: str
+    bucket: str
+    region: str
+    access_key: str
+    secret_key: str
+    part_size: int
+    sse: str  # "none" or "AES256"
+    retry_for_s: float
+    key_template: str
+    journal_dir: Path
+
+
 @dataclass(frozen=True)
 class Config:
     http_host: str = "127.0.0.1"
@@ -78,6 +155,9 @@ class Config:
     webhook_timeout_s: float = 10.0
     webhook_max_age_h: float = 24.0
     session_idle_s: float = 3600.0  # a session with no live leg and no recording ends after this
+    max_calls: int = 0  # live sessions beyond which new ones are refused (503); 0: no fixed limit
+    overload_lateness_ms: float = 200.0  # processing ticks this late (over 1 % of them) refuse new calls
+    overload_hold_s: float = 10.0  # and keep refusing this long after
     tick_ms: int = 20
     process_ms: int = 200  # each session is mixed and encoded this often (staggered over ticks)
     jitter_ms: int = 80
@@ -110,6 +190,27 @@ class Config:
 
     def app(self, app_id: str) -> App | None:
         return next((app for app in self.apps if app.id == app_id), None)
+
+    # -- each component's slice --------------------------------------------------------
+
+    def processing(self) -> ProcessingSettings:
+        return ProcessingSettings(self.tick_ms, self.process_ms)
+
+    def worker_settings(self) -> WorkerSettings:
+        return WorkerSettings(self.processing(), self.sip_host, self.rtp_port_min, self.rtp_port_max, self.log_level)
+
+    def engine(self) -> EngineSettings:
+        encoders = EncoderSettings(self.mp3_quality, self.opus_complexity, self.wav_buffer_ms, self.silence_threshold_dbfs)
+        return EngineSettings(self.workers, self.worker_settings(), self.processing(), self.jitter_ms, self.session_idle_s,
+                              self.command_cooldown_s, self.recording_defaults(), self.data_dir / "spool",
+                              self.s3_key_template, encoders, self.base_url, self.recording_base_url,
+                              self.recording_retention_hours, self.retention_sweep_s,
+                              AdmissionSettings(self.max_calls, self.overload_lateness_ms, self.overload_hold_s))
+
+    def s3(self) -> S3Settings:
+        return S3Settings(self.s3_endpoint, self.s3_bucket, self.s3_region, self.s3_access_key, self.s3_secret_key,
+                          self.s3_part_size, self.s3_sse, self.s3_retry_for_s, self.s3_key_template,
+                          self.data_dir / "journal")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -237,7 +338,8 @@ def validate(config: Config) -> None:
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
             raise ConfigError(f"setting {name} must be an http(s) URL, not {url!r}")
     _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h",
-                       "sip_answer_delay_ms", "s3_retry_for_s"), allow_zero=True)
+                       "sip_answer_delay_ms", "s3_retry_for_s", "max_calls", "overload_hold_s"), allow_zero=True)
+    _positive(config, ("overload_lateness_ms",))
     _positive(config, ("tick_ms", "process_ms", "jitter_ms", "wav_buffer_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s", "session_idle_s"))
     if not 0 <= config.mp3_quality <= 9:
         raise ConfigError("setting mp3_quality must be 0 (best) .. 9 (fastest)")

@@ -16,11 +16,12 @@ DTMF_DIGITS = "0123456789*#ABCD"
 
 @dataclass(frozen=True, slots=True)
 class PcmFrame:
-    """Mono signed 16-bit audio from one leg."""
+    """Mono signed 16-bit audio from one leg. A frame whose `pts` is None carries no time
+    of its own (a stream counted in samples): it follows the leg's previous audio."""
 
     samples: np.ndarray  # int16, shape (n,)
     rate: int
-    pts: int
+    pts: int | None
     leg: str = ""
 
     def __post_init__(self) -> None:
@@ -29,6 +30,8 @@ class PcmFrame:
 
     @property
     def end(self) -> int:
+        if self.pts is None:
+            raise ValueError("a counted frame has no position of its own")
         return self.pts + len(self.samples)
 
     @property

@@ -2,7 +2,7 @@
 
     with S3Server(tmp_path) as s3:          # fresh data dir, identities file, ready to sign
         bucket = s3.create_bucket()
-        storage = S3Storage(s3.config(bucket, data_dir=tmp_path))
+        storage = S3Storage(s3.config(bucket, data_dir=tmp_path).s3())
         s3.stop(); ...; s3.start()          # an outage: same ports, same data
         s3.kill(); ...; s3.start()          # a crash: SIGKILL, then the same again
 

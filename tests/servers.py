@@ -26,10 +26,28 @@ APP1 = {"id": "app1", "key": "key-one-0123456789", "webhook_secret": "whsec-one"
 APP2 = {"id": "app2", "key": "key-two-0123456789", "webhook_secret": "whsec-two"}
 
 
+class SteppedClock:
+    """The system's clocks moved on by `advance()`: a test of a timeout steps over it
+    instead of sleeping through it (everything else keeps running in real time)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+
 class Server:
-    def __init__(self, tmp_path: Path, webhook_url: str | None = None, **settings: Any) -> None:
+    def __init__(self, tmp_path: Path, webhook_url: str | None = None, clock=None, **settings: Any) -> None:
         self.data_dir = tmp_path / "data"
         self.webhook_url = webhook_url
+        self.clock = clock  # the server's clock (a SteppedClock to test timeouts without waiting)
         self.settings = settings
         self.http: aiohttp.ClientSession | None = None
 
@@ -39,7 +57,7 @@ class Server:
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config = self.make_config()
-        self.app = make_app(self.config)
+        self.app = make_app(self.config, self.clock)
         self.runner = web.AppRunner(self.app, handle_signals=False)
         await self.runner.setup()
         await web.SockSite(self.runner, self._sock).start()

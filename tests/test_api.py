@@ -3,13 +3,17 @@ idempotency, cooldown, concurrency, signed files, retention, aliases, OpenAPI, m
 
 import asyncio
 import io
+import json
 import re
 
 import aiohttp
 import pytest
 
-from mediaserver.api.keys import STORAGE
-from servers import APP1, APP2, Server
+from mediaserver.api.common import refusal_response, refusal_status
+from mediaserver.api.keys import CATALOG, STORAGE
+from mediaserver.errors import (Conflict, Forbidden, Gone, Invalid, NotFound, NotSupported, RateLimited, Refused,
+                                Unacceptable, Unavailable, UnsupportedMedia)
+from servers import APP1, APP2, Server, SteppedClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -153,6 +157,55 @@ async def test_the_same_command_uid_answers_the_same_and_acts_once(server):
     assert re.fullmatch(r"[0-9a-f-]{36}", generated[1]["command_uid"])
 
 
+async def test_a_refused_command_sent_again_is_refused_the_same(server):
+    uuid = (await server.create_session())["uuid"]
+    first = await server.command(uuid, "stop", command_uid="early-stop")
+    assert (first[0], error_code(first[1])) == (409, "recordings.not_active")
+    assert (await server.command(uuid, "start"))[0] == 202
+    again = await server.command(uuid, "stop", command_uid="early-stop")  # a recording is active now
+    assert again == first
+    status, data, _ = await server.api("GET", f"/api/v1/sessions/{uuid}")
+    assert data["recording_id"] is not None
+
+
+async def test_command_answers_stored_by_an_earlier_version_are_answered_the_same(server):
+    uuid = (await server.create_session())["uuid"]
+    catalog = server.app[CATALOG]
+    accepted = {"command_uid": "old-start", "status": "accepted", "recording_id": "rec_earlier"}
+    refused = {"error": {"code": "recordings.not_active", "message": "no recording is active in this session to stop"}}
+    catalog.put_command(uuid, "old-start", "record/start", 202, accepted, 0.0)
+    catalog.put_command(uuid, "old-stop", "record/stop", 409, refused, 0.0)
+    assert await server.command(uuid, "start", command_uid="old-start") == (202, accepted)
+    assert await server.command(uuid, "stop", command_uid="old-stop") == (409, refused)
+    status, data, _ = await server.api("GET", f"/api/v1/recordings?session_id={uuid}")
+    assert data["pagination"]["total"] == 0
+
+
+@pytest.mark.parametrize("kind, status", [
+    (Invalid, 400), (Forbidden, 403), (NotFound, 404), (Unacceptable, 406), (Conflict, 409), (Gone, 410),
+    (UnsupportedMedia, 415), (NotSupported, 501), (Unavailable, 503),
+])
+def test_each_kind_of_refusal_has_its_status_and_the_envelope(kind, status):
+    response = refusal_response(kind("things.refused", "refused for a reason"))
+    assert (response.status, response.content_type) == (status, "application/json")
+    assert json.loads(response.text) == {"error": {"code": "things.refused", "message": "refused for a reason"}}
+    assert "Retry-After" not in response.headers
+
+
+def test_a_rate_limited_refusal_is_429_with_retry_after():
+    response = refusal_response(RateLimited("commands.cooldown", "too soon", retry_after_s=3))
+    assert (response.status, response.headers["Retry-After"]) == (429, "3")
+    assert json.loads(response.text) == {"error": {"code": "commands.cooldown", "message": "too soon"}}
+
+
+def test_a_refusal_answers_as_its_nearest_kind_and_one_of_no_kind_is_a_server_fault():
+    class Expired(Gone):
+        pass
+
+    assert refusal_status(Expired("x.expired", "old")) == 410
+    assert refusal_status(Refused("x.unknown", "no kind")) == 500
+
+
 async def test_cooldown_is_429_with_retry_after(tmp_path):
     async with Server(tmp_path, command_cooldown_s=2) as server:
         uuid = (await server.create_session())["uuid"]
@@ -161,6 +214,22 @@ async def test_cooldown_is_429_with_retry_after(tmp_path):
         assert (status, error_code(data)) == (429, "commands.cooldown")
         assert 1 <= int(response.headers["Retry-After"]) <= 2
         assert (await server.command(uuid, "start", command_uid="a"))[0] == 202  # a replay is not throttled
+
+
+async def test_the_cooldown_counts_down_on_the_server_clock(tmp_path):
+    """Retry-After follows the server's clock: stepped over, the cooldown ends without a wait."""
+    clock = SteppedClock()
+    async with Server(tmp_path, clock=clock, command_cooldown_s=30) as server:
+        uuid = (await server.create_session())["uuid"]
+        assert (await server.command(uuid, "start", command_uid="a"))[0] == 202
+        stop = f"/api/v1/sessions/{uuid}/commands/record/stop"
+        status, _, response = await server.api("POST", stop, json={"command_uid": "b"})
+        assert (status, response.headers["Retry-After"]) == (429, "30")
+        clock.advance(29.5)
+        status, _, response = await server.api("POST", stop, json={"command_uid": "b"})
+        assert (status, response.headers["Retry-After"]) == (429, "1")
+        clock.advance(1.0)
+        assert (await server.command(uuid, "stop", command_uid="b"))[0] == 202
 
 
 async def test_concurrent_starts_record_once(server):

@@ -22,7 +22,7 @@ from mediaserver.recorder.processor import Processor
 from mediaserver.recorder.rtpmedia import RtpMedia, formats_from
 from mediaserver.recorder.session import Session
 from mediaserver.rtp.endpoint import PortPool
-from rtp_sender import packetize, send
+from rtp_sender import Sent, packetize, send
 
 SESSIONS = 20
 SECONDS = 4.0
@@ -37,14 +37,14 @@ class _Stall(asyncio.DatagramProtocol):
         time.sleep(STALL_S)
 
 
-async def _scenario() -> tuple[int, int, str]:
+async def _scenario() -> tuple[int, int, Sent]:
     config = Config(jitter_ms=80, process_ms=200, tick_ms=20)
     clock = SystemClock()
 
     async def on_results(results) -> None:
         pass
 
-    processor = Processor(config, clock, on_results)
+    processor = Processor(config.processing(), clock, on_results)
     pool = PortPool("127.0.0.1", 0, 0)
     loop = asyncio.get_running_loop()
     stall, _ = await loop.create_datagram_endpoint(_Stall, local_addr=("127.0.0.1", 0))
@@ -76,7 +76,7 @@ async def _scenario() -> tuple[int, int, str]:
         await asyncio.sleep(0.5)  # the last packets are mixed
         late = sum(session.mixer.totals.late_samples for session in sessions)
         packets = sum(session.inputs[leg].packets for session in sessions for leg in ("a", "b"))
-        return late, packets, sent[0].describe()
+        return late, packets, sent[0]
     finally:
         out.close()
         kick.close()
@@ -87,10 +87,13 @@ async def _scenario() -> tuple[int, int, str]:
 
 
 def test_a_stalled_loop_does_not_drop_what_waited_in_its_sockets():
-    late, packets, sender = uvloop.run(_scenario())
+    late, packets, sent = uvloop.run(_scenario())
     expected = SESSIONS * 2 * int(SECONDS / 0.02)
-    assert packets >= expected * 0.99, f"{packets} of {expected} packets received (sender: {sender})"
-    assert late == 0, f"{late} samples dropped as late after the loop stalled (sender: {sender})"
+    assert packets >= expected * 0.99, f"{packets} of {expected} packets received (sender: {sent.describe()})"
+    # Only a datagram that itself left later than the mix waits for it (the sender thread
+    # shares a busy machine) may be late: 160 samples each. On time, none may be.
+    excused = 160 * len(sent.behind())
+    assert late <= excused, f"{late} samples dropped as late after the loop stalled (sender: {sent.describe()})"
 
 
 def test_turns_keep_their_spread_after_a_stall():
@@ -100,7 +103,7 @@ def test_turns_keep_their_spread_after_a_stall():
     async def on_results(results) -> None:
         pass
 
-    processor = Processor(config, clock, on_results)
+    processor = Processor(config.processing(), clock, on_results)
     start = clock.monotonic()
     sessions = [Session(f"s{index}", "app", start) for index in range(10)]
     for session in sessions:

@@ -8,9 +8,10 @@ import pytest
 from audio import MemorySink, dtmf, noise, silence, tone
 from mediaserver.dsp.dtmf import DtmfDetector
 from mediaserver.encoding import make_encoder
-from mediaserver.media import DtmfEvent
+from mediaserver.media import DtmfEvent, PcmFrame
 from mediaserver.mixing import Mixer
 from mediaserver.options import RecordingOptions
+from mediaserver.recorder.messages import RecordingClosed, RecordingStopped
 from mediaserver.recorder.recording import Recording
 from mediaserver.recorder.session import Session
 
@@ -179,17 +180,17 @@ def test_session_timeline_with_a_late_leg_and_counted_pcm():
     opts = RecordingOptions().merged({"channels": 2})
     sink = MemorySink()
     rec = Recording("rec_s", opts, 0, make_encoder("wav", RATE, 2), sink)
-    session.post(("start", rec, 0.0))
+    session.start_recording(rec, 0.0)
     a = session.add_leg("a", "caller", 0.0)
-    session.post_pcm("a", tone(440, 1.0), RATE)
+    session.post_pcm(PcmFrame(tone(440, 1.0), RATE, None, "a"))
     session.process(0.0)
     b = session.add_leg("b", "callee", 0.0)  # joins where the mix has got to: 1 s
-    session.post_pcm("a", tone(440, 1.0), RATE)
-    session.post_pcm("b", tone(660, 1.0), RATE)
-    session.post(("hangup", 0.0))
+    session.post_pcm(PcmFrame(tone(440, 1.0), RATE, None, "a"))
+    session.post_pcm(PcmFrame(tone(660, 1.0), RATE, None, "b"))
+    session.hangup(0.0)
     events = session.process(0.0)
     pcm = sink.pcm()
-    assert [kind for kind, _ in events][-2:] == ["recording.stopped", "recording.closed"]
+    assert [type(event) for event in events][-2:] == [RecordingStopped, RecordingClosed]
     assert len(pcm) == 2 * RATE
     assert not pcm[:RATE, 1].any() and pcm[RATE:, 1].any()
     assert a.backlog == 0 and b.backlog == 0
@@ -199,10 +200,10 @@ def test_session_resamples_a_16k_leg_into_an_8k_recording():
     session = Session("s", "app", 0.0, RATE, live=False)
     sink = MemorySink()
     rec = Recording("rec_r", RecordingOptions(), 0, make_encoder("wav", RATE, 1), sink)
-    session.post(("start", rec, 0.0))
+    session.start_recording(rec, 0.0)
     session.add_leg("a", "caller", 0.0)
-    session.post_pcm("a", tone(1000, 2.0, rate=16000), 16000)
-    session.post(("hangup", 0.0))
+    session.post_pcm(PcmFrame(tone(1000, 2.0, rate=16000), 16000, None, "a"))
+    session.hangup(0.0)
     session.process(0.0)
     pcm = sink.pcm()[:, 0]
     assert len(pcm) == 2 * RATE

@@ -89,7 +89,7 @@ def make_storage(server, bucket: str, tmp_path: Path, *, retry_for_s: float = 60
                  backoff_s: tuple[float, float] = (0.2, 2.0), **settings) -> S3Storage:
     """Storage in `bucket` with 5 MiB parts, data_dir (so the journal) in tmp_path, quick retries."""
     config = server.config(bucket, **{"data_dir": tmp_path, "s3_part_size": PART, **settings})
-    return S3Storage(config, retry_for_s=retry_for_s, backoff_s=backoff_s)
+    return S3Storage(config.s3(), retry_for_s=retry_for_s, backoff_s=backoff_s)
 
 
 @pytest.fixture
@@ -260,7 +260,7 @@ async def test_complete_waits_out_an_outage(s3_own_server, tmp_path):
 async def test_an_unreachable_endpoint_does_not_stop_start_but_complete_gives_up(tmp_path, caplog):
     config = Config(storage="s3", s3_endpoint=f"http://127.0.0.1:{unused_port()}", s3_bucket="recordings",
                     s3_access_key="AK", s3_secret_key="SK", data_dir=tmp_path)
-    storage = S3Storage(config, retry_for_s=2.0, backoff_s=(0.2, 0.5))
+    storage = S3Storage(config.s3(), retry_for_s=2.0, backoff_s=(0.2, 0.5))
     await storage.start()  # logs and keeps checking in the background
     try:
         assert not storage.ready

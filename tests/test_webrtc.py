@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from mediaserver.errors import CodecError, ServiceError
+from mediaserver.errors import CodecError, Unavailable
 from mediaserver.webrtc import Offer, OfferError, WhipService
 from mediaserver.webrtc.audio import FrameClock, mono_s16
 from mediaserver.webrtc.ice import addresses_for
@@ -245,9 +245,9 @@ async def test_a_refused_offer_leaves_no_peer_and_close_is_idempotent():
         await service.close()
         await service.close()
         assert service.open_count == 0
-        with pytest.raises(ServiceError) as refused:
+        with pytest.raises(Unavailable) as refused:
             await service.open("leg_d", offer, Sink(), owner="test")
-        assert refused.value.status == 503
+        assert refused.value.code == "whip.unavailable"
     finally:
         await client.close()
         await service.close()
@@ -260,9 +260,9 @@ async def test_closing_the_service_while_an_offer_is_answered_leaves_no_task():
         opening = asyncio.create_task(service.open("leg_e", offer, Sink(), owner="test"))
         await asyncio.sleep(0)  # the answer is under way
         await service.close()
-        with pytest.raises(ServiceError) as refused:
+        with pytest.raises(Unavailable) as refused:
             await opening
-        assert refused.value.status == 503
+        assert refused.value.code == "whip.unavailable"
         assert service.open_count == 0
         assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("whip-") and not t.done()]
     finally:

@@ -215,7 +215,7 @@ async def failed_leg(tmp_path, caplog, prepare, until_ended, edit=None,
         pc = client_pc()
         prepare(pc)
         try:
-            with caplog.at_level(logging.WARNING, logger="mediaserver.api.whip"):
+            with caplog.at_level(logging.WARNING, logger="mediaserver.calls.whip"):
                 location = await publish(server, uuid, pc, edit)
                 leg_id = location.rsplit("/", 1)[1]
                 await until_ended(server, leg_id, location)

@@ -9,7 +9,9 @@ import pytest
 
 from audio import MemorySink, tone
 from mediaserver.encoding import make_encoder
+from mediaserver.media import PcmFrame
 from mediaserver.options import RecordingOptions
+from mediaserver.recorder.messages import RecordingClosed, RecordingStopped
 from mediaserver.recorder.recording import Recording
 from mediaserver.recorder.session import STREAM_HOLD_S, Session
 from servers import Server
@@ -25,7 +27,7 @@ def live_call(channels: int = 1) -> tuple[Session, MemorySink]:
     session = Session("s", "app", 0.0, RATE, live=True, jitter_s=0.08)
     sink = MemorySink()
     options = RecordingOptions().merged({"channels": channels})
-    session.post(("start", Recording("rec_l", options, 0, make_encoder("wav", RATE, channels), sink), 0.0))
+    session.start_recording(Recording("rec_l", options, 0, make_encoder("wav", RATE, channels), sink), 0.0)
     session.add_leg("a", "caller", 0.0)
     session.add_leg("b", "callee", 0.0)
     return session, sink
@@ -33,11 +35,11 @@ def live_call(channels: int = 1) -> tuple[Session, MemorySink]:
 
 def stream(session: Session, leg_id: str, samples: np.ndarray, at: float) -> None:
     for start in range(0, len(samples), FRAME):
-        session.post_pcm(leg_id, samples[start:start + FRAME], RATE, None, at)
+        session.post_pcm(PcmFrame(samples[start:start + FRAME], RATE, None, leg_id), at)
 
 
-def closed(events) -> dict:
-    return next(data for kind, data in events if kind == "recording.closed")
+def closed(events) -> RecordingClosed:
+    return next(event for event in events if isinstance(event, RecordingClosed))
 
 
 @pytest.mark.parametrize("late", ["pcm", "end", "pcm_then_end"])
@@ -46,9 +48,9 @@ def test_audio_or_an_end_that_a_hangup_overtook_is_dropped_not_a_crash(late):
     stream(session, "a", tone(400, 0.5), 0.0)
     stream(session, "b", tone(900, 0.5), 0.0)
     session.process(0.6)
-    session.post(("hangup", 0.6))
+    session.hangup(0.6)
     events = session.process(0.6)  # the legs end with the call, and the mixer lets them go
-    assert ("recording.stopped", "hangup") in [(kind, data.get("reason")) for kind, data in events]
+    assert "hangup" in [event.reason for event in events if isinstance(event, RecordingStopped)]
     assert not session.mixer.legs
     # What was still on its way from the legs' sockets arrives after that.
     if late in ("pcm", "pcm_then_end"):
@@ -59,7 +61,7 @@ def test_audio_or_an_end_that_a_hangup_overtook_is_dropped_not_a_crash(late):
     assert session.process(0.7) == []
     assert session.mixer.totals.late_samples == (800 if late != "end" else 0)
     assert session.inputs["a"].backlog == 0
-    assert closed(events)["error"] is None and len(sink.pcm()) == round(0.6 * RATE)
+    assert closed(events).error is None and len(sink.pcm()) == round(0.6 * RATE)
 
 
 def test_a_stream_held_up_by_the_server_is_waited_for_not_cut_and_shifted():
@@ -80,14 +82,14 @@ def test_a_stream_held_up_by_the_server_is_waited_for_not_cut_and_shifted():
     stream(session, "b", b[round(now * RATE):], now)
     session.end_leg("a", now)
     session.end_leg("b", now)
-    session.post(("hangup", now))
+    session.hangup(now)
     events = session.process(now)
     pcm = sink.pcm()
     assert len(pcm) == 4 * RATE
     assert session.inputs["b"].resyncs == 0 and session.mixer.totals.late_samples == 0
     for channel, sent in ((0, a), (1, b)):
         assert np.abs(pcm[:, channel].astype(np.int32) - sent).max() <= 1  # every sample where it was sent
-    assert closed(events)["duration"] == 4.0
+    assert closed(events).duration == 4.0
 
 
 def test_a_stream_that_stops_sending_is_given_up_after_the_hold():

@@ -2,13 +2,13 @@
 
 catalog → storage → outbox and webhook sender → engine → ingest services; the aiohttp
 application routes requests to them. Every error leaves as the JSON envelope
-`{"error": {"code", "message"}}` with a stable code.
+`{"error": {"code", "message"}}` with a stable code; `errors_middleware` is the one place
+where a refusal from a lower layer becomes an HTTP status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import sys
@@ -19,11 +19,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from mediaserver.api import ingest_ws, ops, recordings, sessions, telephony, whip
 from mediaserver.api.auth import authenticate
+from mediaserver.api.common import error_response, refusal_response
 from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
 from mediaserver.catalog import Catalog
 from mediaserver.clock import SystemClock
 from mediaserver.config import Config
-from mediaserver.errors import ServiceError
+from mediaserver.errors import Refused, ServiceError
 from mediaserver.recorder.engine import Engine
 from mediaserver.storage.local import LocalStorage
 from mediaserver.webhooks import Outbox, WebhookSender
@@ -36,15 +37,15 @@ _STATUS_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
-
-
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
+    """Every error as the JSON envelope: a domain refusal from any layer with the status of
+    its kind (`refusal_response`), api/'s own `ServiceError` with the status it names,
+    aiohttp's HTTP errors with a stable code, anything else as a logged 500."""
     try:
         return await handler(request)
+    except Refused as exc:
+        return refusal_response(exc)
     except ServiceError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     except web.HTTPException as exc:
@@ -109,7 +110,7 @@ def make_storage(config: Config, clock):
     if config.storage == "s3":
         from mediaserver.storage.s3 import S3Storage
 
-        return S3Storage(config, retry_for_s=config.s3_retry_for_s)
+        return S3Storage(config.s3())
     return LocalStorage(config.data_dir, config.secret_key, config.base_url, clock)
 
 
@@ -121,7 +122,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     outbox = app[OUTBOX] = Outbox(catalog, apps, clock)
     sender = WebhookSender(catalog, apps, clock, timeout_s=config.webhook_timeout_s,
                            max_age_s=config.webhook_max_age_h * 3600, wakeup=outbox.wakeup)
-    engine = app[ENGINE] = Engine(config, catalog, storage, outbox, clock)
+    engine = app[ENGINE] = Engine(config.engine(), catalog, storage, outbox, clock)
     try:
         await storage.start()
         sender.start()

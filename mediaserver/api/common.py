@@ -1,4 +1,5 @@
-"""Helpers shared by the route modules: JSON bodies, paging, time formats."""
+"""Helpers shared by the route modules: the error envelope and how each kind of refusal
+is answered, JSON bodies, paging, time formats."""
 
 from __future__ import annotations
 
@@ -9,10 +10,49 @@ from typing import Any
 from aiohttp import web
 
 from mediaserver import jsonsafe
-from mediaserver.errors import ServiceError
+from mediaserver.errors import (Conflict, Forbidden, Gone, Invalid, NotFound, NotSupported, RateLimited, Refused,
+                                Unacceptable, Unauthorized, Unavailable, UnsupportedMedia)
 
 MAX_PAGE = 500
 MAX_OFFSET = 2**63 - 1  # SQLite's largest INTEGER
+
+REFUSAL_STATUS: dict[type[Refused], int] = {
+    Invalid: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, Unacceptable: 406, Conflict: 409, Gone: 410,
+    UnsupportedMedia: 415, RateLimited: 429, NotSupported: 501, Unavailable: 503,
+}
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The JSON envelope every error is answered with."""
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(error_body(code, message)), content_type="application/json", headers=headers)
+
+
+def refusal_status(refusal: Refused) -> int:
+    """The HTTP status of a kind of refusal (a subclass answers as its nearest listed kind).
+
+    A `Refused` of no listed kind is a bug of the server's, not the client's: 500.
+    """
+    for kind in type(refusal).__mro__:
+        status = REFUSAL_STATUS.get(kind)
+        if status is not None:
+            return status
+    return 500
+
+
+def refusal_response(refusal: Refused) -> web.Response:
+    """The HTTP answer to a refusal from any layer: its status, the envelope, and for
+    `RateLimited` (and an `Unavailable` that says when) the `Retry-After` header (RFC 9110 §10.2.3) in whole seconds, for
+    `Unauthorized` the `WWW-Authenticate` challenge (RFC 6750)."""
+    headers = None
+    if isinstance(refusal, (RateLimited, Unavailable)) and refusal.retry_after_s is not None:
+        headers = {"Retry-After": str(refusal.retry_after_s)}
+    elif isinstance(refusal, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="mediaserver"'}
+    return error_response(refusal_status(refusal), refusal.code, refusal.message, headers)
 
 
 def iso(ts: float | None) -> str | None:
@@ -32,7 +72,7 @@ def parse_time(name: str, value: str | None) -> float | None:
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ServiceError(400, "request.invalid_query", f"{name} must be an ISO 8601 time or Unix seconds, not {value!r}") from None
+        raise Invalid("request.invalid_query", f"{name} must be an ISO 8601 time or Unix seconds, not {value!r}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
     return parsed.timestamp()
@@ -43,9 +83,9 @@ def paging(request: web.Request, default: int = 50) -> tuple[int, int]:
         limit = int(request.query.get("limit", default))
         offset = int(request.query.get("offset", 0))
     except ValueError:
-        raise ServiceError(400, "request.invalid_query", "limit and offset must be integers") from None
+        raise Invalid("request.invalid_query", "limit and offset must be integers") from None
     if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
-        raise ServiceError(400, "request.invalid_query", f"limit must be 1..{MAX_PAGE} and offset 0..{MAX_OFFSET}")
+        raise Invalid("request.invalid_query", f"limit must be 1..{MAX_PAGE} and offset 0..{MAX_OFFSET}")
     return limit, offset
 
 
@@ -59,7 +99,7 @@ async def json_body(request: web.Request, *, optional: bool = True) -> Any:
     if not raw.strip():
         if optional:
             return None
-        raise ServiceError(400, "request.invalid_json", "a JSON body is required")
+        raise Invalid("request.invalid_json", "a JSON body is required")
     return parse_json(raw)
 
 
@@ -69,13 +109,13 @@ def parse_json(raw: bytes) -> Any:
     try:
         return jsonsafe.loads(raw.decode(json.detect_encoding(raw)))
     except UnicodeDecodeError as exc:
-        raise ServiceError(400, "request.invalid_json", f"the body is not valid JSON: {exc.reason} at byte {exc.start}") from None
+        raise Invalid("request.invalid_json", f"the body is not valid JSON: {exc.reason} at byte {exc.start}") from None
     except jsonsafe.JsonDepthError as exc:
-        raise ServiceError(400, "request.invalid_json", f"the body is nested too deep: {exc}") from None
+        raise Invalid("request.invalid_json", f"the body is nested too deep: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ServiceError(400, "request.invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise Invalid("request.invalid_json", f"the body is not valid JSON: {exc}") from None
     except ValueError as exc:  # JsonNumberError, or an integer of too many digits
-        raise ServiceError(400, "request.invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise Invalid("request.invalid_json", f"the body is not valid JSON: {exc}") from None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -17,6 +17,7 @@ async def healthz(request: web.Request) -> web.Response:
         "version": __version__,
         "storage": config.storage,
         "sessions": len(engine.sessions),
+        "admission": engine.admission.state(len(engine.sessions)),  # "open", "full" or "overloaded"
         "services": sorted(request.app[SERVICES]),
     })
 
@@ -73,7 +74,14 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediaserver_webhook_backlog Webhook events not yet delivered.",
         "# TYPE mediaserver_webhook_backlog gauge",
         f"mediaserver_webhook_backlog {catalog.outbox_backlog()}",
+        "# HELP mediaserver_admission_open 1 while new calls are taken, 0 while they are refused (full or overloaded).",
+        "# TYPE mediaserver_admission_open gauge",
+        f"mediaserver_admission_open {int(engine.admission.state(len(engine.sessions))['state'] == 'open')}",
+        "# HELP mediaserver_calls_refused_total New calls refused past capacity, by reason.",
+        "# TYPE mediaserver_calls_refused_total counter",
     ]
+    for code, count in sorted(engine.admission.refused.items()):
+        lines.append(f'mediaserver_calls_refused_total{{reason="{code}"}} {count}')
     lines += _lateness(engine.lateness)
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from mediaserver.api.common import iso, json_response, page, paging, parse_time
 from mediaserver.api.keys import CALLER, CATALOG, CLOCK, ENGINE, STORAGE
-from mediaserver.errors import ServiceError, StorageError
+from mediaserver.errors import Conflict, Forbidden, Gone, Invalid, NotFound, StorageError, Unavailable
 from mediaserver.storage.local import LocalStorage
 
 DOWNLOAD_TTL_S = 15 * 60
@@ -52,9 +52,9 @@ def recording_view(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
 def own_recording(request: web.Request, recording_id: str) -> dict[str, Any]:
     row = request.app[CATALOG].recording(recording_id)
     if row is None:
-        raise ServiceError(404, "recordings.not_found", f"no recording {recording_id}")
+        raise NotFound("recordings.not_found", f"no recording {recording_id}")
     if row["app_id"] != request[CALLER].id:
-        raise ServiceError(403, "auth.forbidden", "this recording belongs to another app")
+        raise Forbidden("auth.forbidden", "this recording belongs to another app")
     return row
 
 
@@ -71,22 +71,22 @@ def _ready(row: dict[str, Any]) -> web.Response | None:
         retry = 5 if state == "processing" else 10
         return json_response({"status": "pending", "state": state, "retry_after_seconds": retry}, status=202, headers={"Retry-After": str(retry)})
     if state in ("expired", "deleted"):
-        raise ServiceError(410, f"recordings.{state}", f"recording {row['id']} is {state}: past retention or deleted")
-    raise ServiceError(409, "recordings.failed", f"recording {row['id']} failed and has no file: {row['error']}")
+        raise Gone(f"recordings.{state}", f"recording {row['id']} is {state}: past retention or deleted")
+    raise Conflict("recordings.failed", f"recording {row['id']} failed and has no file: {row['error']}")
 
 
 async def _presigned(request: web.Request, row: dict[str, Any], ttl: int) -> str:
     try:
         return await request.app[STORAGE].presign(row["storage_key"], ttl, _filename(row), row["content_type"])
     except StorageError as exc:
-        raise ServiceError(503, "storage.unavailable", str(exc)) from None
+        raise Unavailable("storage.unavailable", str(exc)) from None
 
 
 async def list_recordings(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     state = request.query.get("state") or None
     if state is not None and state not in STATES:
-        raise ServiceError(400, "request.invalid_query", f"state must be one of {', '.join(STATES)}")
+        raise Invalid("request.invalid_query", f"state must be one of {', '.join(STATES)}")
     rows, total = request.app[CATALOG].recordings(
         request[CALLER].id, session_uuid=request.query.get("session_id") or None,
         since=parse_time("since", request.query.get("since")), until=parse_time("until", request.query.get("until")),
@@ -124,14 +124,14 @@ async def _stream(request: web.Request, row: dict[str, Any]) -> web.Response:
 async def delete_recording(request: web.Request) -> web.Response:
     row = own_recording(request, request.match_info["id"])
     if row["state"] in PENDING_STATES:
-        raise ServiceError(409, "recordings.active", f"recording {row['id']} is {row['state']}: stop it and wait until it is stored")
+        raise Conflict("recordings.active", f"recording {row['id']} is {row['state']}: stop it and wait until it is stored")
     if row["state"] == "deleted":
-        raise ServiceError(410, "recordings.deleted", f"recording {row['id']} is already deleted")
+        raise Gone("recordings.deleted", f"recording {row['id']} is already deleted")
     if row["state"] in ("completed", "expired"):
         try:
             await request.app[STORAGE].delete(row["storage_key"])
         except StorageError as exc:
-            raise ServiceError(503, "storage.unavailable", str(exc)) from None
+            raise Unavailable("storage.unavailable", str(exc)) from None
     now = request.app[CLOCK].time()
     request.app[CATALOG].update_recording(row["id"], state="deleted", deleted_at=now)
     return json_response({"recording_id": row["id"], "deleted_at": iso(now)})
@@ -145,10 +145,10 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     key = unquote(request.match_info["key"])
     q = request.query
     if not storage.verify(key, q.get("expires", ""), q.get("filename", ""), q.get("type", ""), q.get("signature", "")):
-        raise ServiceError(403, "files.forbidden", "the link is invalid or has expired")
+        raise Forbidden("files.forbidden", "the link is invalid or has expired")
     path = storage.path(key)
     if not path.is_file():
-        raise ServiceError(404, "files.not_found", "the file no longer exists")
+        raise NotFound("files.not_found", "the file no longer exists")
     headers = {"Content-Type": q.get("type") or "application/octet-stream",
                "Content-Disposition": f'attachment; filename="{q.get("filename", "recording")}"', "Cache-Control": "private, no-store"}
     return web.FileResponse(path, headers=headers)
@@ -161,12 +161,12 @@ def _latest_for_call(request: web.Request, call_id: str) -> dict[str, Any]:
     catalog = request.app[CATALOG]
     session = catalog.session(call_id)
     if session is None:
-        raise ServiceError(404, "calls.not_found", f"no call {call_id}")
+        raise NotFound("calls.not_found", f"no call {call_id}")
     if session["app_id"] != request[CALLER].id:
-        raise ServiceError(403, "auth.forbidden", "this call belongs to another app")
+        raise Forbidden("auth.forbidden", "this call belongs to another app")
     rows, _ = catalog.recordings(request[CALLER].id, session_uuid=call_id, limit=1)
     if not rows:
-        raise ServiceError(404, "recordings.not_found", f"call {call_id} has no recording")
+        raise NotFound("recordings.not_found", f"call {call_id} has no recording")
     return rows[0]
 
 

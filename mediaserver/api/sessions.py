@@ -1,4 +1,5 @@
-"""Sessions and the gateway's recording commands, and the live `file.wav` of a recording."""
+"""Sessions, the route of the gateway's recording commands (answered in `commands`), and the
+live `file.wav` of a recording."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from aiohttp import web
 
 from mediaserver import ids
 from mediaserver.api.auth import make_token
+from mediaserver.api.commands import command
 from mediaserver.api.common import iso, json_body, json_response, page, paging
 from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, SERVICES
+from mediaserver.api.telephony import leg_request
 from mediaserver.encoding import wav_header
-from mediaserver.errors import ServiceError
-from mediaserver.recorder.commands import run_command
+from mediaserver.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from mediaserver.recorder.engine import Engine, LiveSession
 
 log = logging.getLogger(__name__)
@@ -57,25 +59,25 @@ def session_view(request: web.Request, row: dict[str, Any], live: LiveSession | 
 def _own_row(request: web.Request, uuid: str) -> dict[str, Any]:
     row = request.app[CATALOG].session(uuid)
     if row is None:
-        raise ServiceError(404, "sessions.not_found", f"no session {uuid}")
+        raise NotFound("sessions.not_found", f"no session {uuid}")
     if row["app_id"] != request[CALLER].id:
-        raise ServiceError(403, "auth.forbidden", "this session belongs to another app")
+        raise Forbidden("auth.forbidden", "this session belongs to another app")
     return row
 
 
 async def create_session(request: web.Request) -> web.Response:
     body = await json_body(request) or {}
     if not isinstance(body, dict):
-        raise ServiceError(400, "request.invalid_body", "the body must be a JSON object")
+        raise Invalid("request.invalid_body", "the body must be a JSON object")
     unknown = set(body) - {"uuid", "metadata"}
     if unknown:
-        raise ServiceError(400, "request.invalid_body", f"unknown field: {sorted(unknown)[0]}")
+        raise Invalid("request.invalid_body", f"unknown field: {sorted(unknown)[0]}")
     uuid = body.get("uuid")
     if uuid is not None and (not isinstance(uuid, str) or not ids.is_uuid(uuid)):
-        raise ServiceError(400, "sessions.invalid_uuid", "uuid must be a lower-case UUID string")
+        raise Invalid("sessions.invalid_uuid", "uuid must be a lower-case UUID string")
     meta = body.get("metadata") or {}
     if not isinstance(meta, dict):
-        raise ServiceError(400, "request.invalid_body", "metadata must be a JSON object")
+        raise Invalid("request.invalid_body", "metadata must be a JSON object")
     app_id = request[CALLER].id
     live = request.app[ENGINE].create_session(app_id, "api", uuid, meta)
     view = session_view(request, request.app[CATALOG].session(live.uuid), live)
@@ -87,7 +89,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     state = request.query.get("state")
     if state not in (None, "active", "ended"):
-        raise ServiceError(400, "request.invalid_query", "state must be active or ended")
+        raise Invalid("request.invalid_query", "state must be active or ended")
     rows, total = request.app[CATALOG].sessions(request[CALLER].id, state, limit, offset)
     engine = request.app[ENGINE]
     return json_response(page([session_view(request, r, engine.sessions.get(r["uuid"])) for r in rows], total, limit, offset))
@@ -103,15 +105,9 @@ async def delete_session(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     live = engine.sessions.get(row["uuid"])
     if live is None:
-        raise ServiceError(409, "sessions.ended", f"session {row['uuid']} has already ended")
+        raise Conflict("sessions.ended", f"session {row['uuid']} has already ended")
     await engine.end_session(row["uuid"])
     return json_response(session_view(request, row, live), status=202)
-
-
-async def command(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    answer = await run_command(request.app[ENGINE], request[CALLER].id, request.match_info["uuid"], request.match_info["command"], body)
-    return json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
 async def add_rtp_leg(request: web.Request) -> web.Response:
@@ -121,7 +117,8 @@ async def add_rtp_leg(request: web.Request) -> web.Response:
     rtp = request.app[SERVICES].get("rtp")
     if rtp is None:
         raise ServiceError(503, "rtp.unavailable", "RTP ingest is not running on this server")
-    leg_id, answer = await rtp.offer(live, body)
+    role, offer = leg_request(body)
+    leg_id, answer = await rtp.offer(live, role, offer)
     return json_response({"leg_id": leg_id, "sdp": answer}, status=201)
 
 
@@ -131,7 +128,7 @@ async def live_wav(request: web.Request) -> web.StreamResponse:
     live = engine.session_for(request[CALLER].id, request.match_info["uuid"])
     rec = live.recording
     if rec is None or rec.state == "stopping":
-        raise ServiceError(409, "recordings.not_active", "no recording is in progress in this session")
+        raise Conflict("recordings.not_active", "no recording is in progress in this session")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(LIVE_WAV_QUEUE)
 

@@ -4,6 +4,10 @@ Each answer is kept under its `command_uid`, so the same command sent again (a r
 a timeout, say) is answered the same and acted on once. Accepted commands share a
 per-session cooldown. Checks and state changes happen under the session's lock without
 awaiting in between, so concurrent or racing commands cannot both act.
+
+What an answer looks like is the caller's to say (`Answering`): this module decides only
+whether a command is refused (a `Refused` kind), accepted, or a repeat of one already
+answered, and keeps the caller's answer for the repeat.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import math
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from mediaserver.errors import ServiceError
+from mediaserver.errors import Conflict, Invalid, NotFound, RateLimited
 from mediaserver.ids import COMMAND_UID
 from mediaserver.options import OptionError, PAUSE_BEHAVIORS
 from mediaserver.recorder.engine import Engine, LiveSession
@@ -23,9 +27,21 @@ COMMANDS = ("start", "stop", "pause", "resume")
 
 @dataclass(frozen=True, slots=True)
 class CommandAnswer:
+    """A command's answer as the caller gives it; `status` is the caller's, kept as given."""
+
     status: int
     body: dict[str, Any]
-    headers: dict[str, str]
+
+
+class Answering(Protocol):
+    """How the caller answers a command. What it returns is stored with the command, and
+    a repeat of the command is answered with exactly that."""
+
+    def accepted(self, body: dict[str, Any]) -> CommandAnswer:
+        """The answer to a command that was accepted and acted on."""
+
+    def rejected(self, refusal: Conflict) -> CommandAnswer:
+        """The answer to a command that did not fit the session's state (it stays refused)."""
 
 
 def _command_uid(body: dict[str, Any]) -> str:
@@ -33,47 +49,53 @@ def _command_uid(body: dict[str, Any]) -> str:
     if uid is None:
         return str(uuidlib.uuid4())
     if not isinstance(uid, str) or not COMMAND_UID.match(uid):
-        raise ServiceError(400, "commands.invalid_command_uid",
-                           "command_uid must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        raise Invalid("commands.invalid_command_uid",
+                      "command_uid must be 1-128 characters of letters, digits, '.', '_' or '-'")
     return uid
 
 
-async def run_command(engine: Engine, app_id: str, session_uuid: str, kind: str, body: Any) -> CommandAnswer:
-    """Validate, deduplicate, rate-limit and apply one recording command."""
+async def run_command(engine: Engine, app_id: str, session_uuid: str, kind: str, body: Any,
+                      answering: Answering) -> CommandAnswer:
+    """Validate, deduplicate, rate-limit and apply one recording command.
+
+    Returns the answer to give: `answering.accepted(...)` for a command acted on now, or
+    the stored answer of a repeated `command_uid`. Raises the `Refused` kind otherwise; a
+    `Conflict` is also remembered (as `answering.rejected(...)`) and announced.
+    """
     if kind not in COMMANDS:
-        raise ServiceError(404, "commands.unknown", f"unknown command record/{kind}")
+        raise NotFound("commands.unknown", f"unknown command record/{kind}")
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        raise ServiceError(400, "request.invalid_body", "the command body must be a JSON object")
+        raise Invalid("request.invalid_body", "the command body must be a JSON object")
     uid = _command_uid(body)
     live = engine.session_for(app_id, session_uuid)
     async with live.lock:
         prior = engine.catalog.command(session_uuid, uid)
         if prior is not None:
-            return CommandAnswer(prior["status"], prior["response"], {})
+            return CommandAnswer(prior["status"], prior["response"])
         _check_cooldown(engine, live)
         try:
             response = _act(engine, live, kind, uid, body)
-        except ServiceError as exc:
-            if exc.status == 409:
-                _remember(engine, live, kind, uid, 409, {"error": {"code": exc.code, "message": exc.message}})
-                _announce(engine, live, kind, uid, "rejected", None, exc.code)
+        except Conflict as exc:
+            _remember(engine, live, kind, uid, answering.rejected(exc))
+            _announce(engine, live, kind, uid, "rejected", None, exc.code)
             raise
         live.last_command_at = engine.clock.monotonic()
-        _remember(engine, live, kind, uid, 202, response)
+        answer = answering.accepted(response)
+        _remember(engine, live, kind, uid, answer)
         _announce(engine, live, kind, uid, "accepted", response["recording_id"], None)
-        return CommandAnswer(202, response, {})
+        return answer
 
 
 def _check_cooldown(engine: Engine, live: LiveSession) -> None:
-    cooldown = engine.config.command_cooldown_s
+    cooldown = engine.settings.command_cooldown_s
     if live.last_command_at is None or cooldown <= 0:
         return
     remaining = live.last_command_at + cooldown - engine.clock.monotonic()
     if remaining > 0:
-        raise ServiceError(429, "commands.cooldown", f"another recording command was accepted less than {cooldown:g} s ago",
-                           {"Retry-After": str(max(1, math.ceil(remaining)))})
+        raise RateLimited("commands.cooldown", f"another recording command was accepted less than {cooldown:g} s ago",
+                          retry_after_s=max(1, math.ceil(remaining)))
 
 
 def _act(engine: Engine, live: LiveSession, kind: str, uid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -81,33 +103,33 @@ def _act(engine: Engine, live: LiveSession, kind: str, uid: str, body: dict[str,
     active = rec is not None and rec.state != "stopping"
     if kind == "start":
         if active:
-            raise ServiceError(409, "recordings.already_active", f"recording {rec.id} is already active in this session")
+            raise Conflict("recordings.already_active", f"recording {rec.id} is already active in this session")
         options = {k: v for k, v in body.items() if k != "command_uid"}
         try:
             merged = engine.defaults.merged(options)
         except OptionError as exc:
-            raise ServiceError(400, exc.code, str(exc)) from None
+            raise Invalid(exc.code, str(exc)) from None
         rec = engine.start_recording(live, merged, uid)
     else:
         allowed = {"command_uid", "behavior"} if kind == "pause" else {"command_uid"}
         extra = set(body) - allowed
         if extra:
-            raise ServiceError(400, "request.invalid_body", f"unknown field for record/{kind}: {sorted(extra)[0]}")
+            raise Invalid("request.invalid_body", f"unknown field for record/{kind}: {sorted(extra)[0]}")
         behavior = body.get("behavior", "skip")
         if behavior not in PAUSE_BEHAVIORS:
-            raise ServiceError(400, "recordings.invalid_option", f"behavior must be one of {', '.join(PAUSE_BEHAVIORS)}")
+            raise Invalid("recordings.invalid_option", f"behavior must be one of {', '.join(PAUSE_BEHAVIORS)}")
         if not active:
-            raise ServiceError(409, "recordings.not_active", f"no recording is active in this session to {kind}")
+            raise Conflict("recordings.not_active", f"no recording is active in this session to {kind}")
         if kind == "pause" and rec.state == "paused":
-            raise ServiceError(409, "recordings.already_paused", f"recording {rec.id} is already paused")
+            raise Conflict("recordings.already_paused", f"recording {rec.id} is already paused")
         if kind == "resume" and rec.state != "paused":
-            raise ServiceError(409, "recordings.not_paused", f"recording {rec.id} is not paused")
+            raise Conflict("recordings.not_paused", f"recording {rec.id} is not paused")
         engine.command_recording(live, kind, behavior)
     return {"command_uid": uid, "status": "accepted", "recording_id": rec.id}
 
 
-def _remember(engine: Engine, live: LiveSession, kind: str, uid: str, status: int, response: dict[str, Any]) -> None:
-    engine.catalog.put_command(live.uuid, uid, f"record/{kind}", status, response, engine.clock.time())
+def _remember(engine: Engine, live: LiveSession, kind: str, uid: str, answer: CommandAnswer) -> None:
+    engine.catalog.put_command(live.uuid, uid, f"record/{kind}", answer.status, answer.body, engine.clock.time())
 
 
 def _announce(engine: Engine, live: LiveSession, kind: str, uid: str, status: str, recording_id: str | None, error: str | None) -> None:

@@ -1,10 +1,11 @@
-"""The engine: live sessions, their processing thread, and every recording's lifecycle.
+"""The engine: live sessions, where they run, and what their recordings report.
 
-The event loop receives media and commands and only posts them into sessions; a single
-processing thread runs every session's `process()` each tick (decode, mix, judge, encode,
-spool). What the sessions report back (a recording started, paused, stopped, closed) is
-handled on the loop: written to the catalog first, then announced by webhook, then the
-spool is handed to storage.
+The event loop receives media and commands and only posts them into sessions; a
+processing thread (this process's, or a worker process's: `shards`) runs every session's
+`process()` in turns (decode, mix, judge, encode, spool). What the sessions report back (a
+recording started, paused, stopped, closed) is handled on the loop: written to the catalog
+first, then announced (`recorder.announce`), then a closed recording's spool is handed to
+the archive (`recorder.archive`: storing, recovery after a restart, retention).
 """
 
 from __future__ import annotations
@@ -12,35 +13,38 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from mediaserver import ids
 from mediaserver.catalog import Catalog
-from mediaserver.config import Config
+from mediaserver.config import EngineSettings
 from mediaserver.encoding import file_type
-from mediaserver.encoding.repair import repair
-from mediaserver.errors import ServiceError, StorageError
+from mediaserver.errors import Conflict, Forbidden, NotFound
+from mediaserver.media import PcmFrame
 from mediaserver.options import RecordingOptions
+from mediaserver.recorder.admission import Admission
+from mediaserver.recorder.announce import Announcer
+from mediaserver.recorder.archive import Archive
+from mediaserver.recorder.legs import Leg
+from mediaserver.recorder.messages import (Event, RecordingClosed, RecordingPaused, RecordingResumed, RecordingStarted,
+                                            RecordingStopped)
 from mediaserver.recorder.processor import LatenessHistogram, Processor, Result
 from mediaserver.recorder.remote import RemoteRtpMedia, RemoteSession, RemoteShard
 from mediaserver.recorder.rtpmedia import RtpMedia
-from mediaserver.recorder.session import Session
+from mediaserver.recorder.session import Session, SessionPort
 from mediaserver.recorder.spec import RecordingSpec
 from mediaserver.rtp.endpoint import PortPool
 from mediaserver.storage import Storage, Upload, object_key
-from mediaserver.storage.spool import read_checkpoint, remove_checkpoint
-from mediaserver.tasks import cancel_and_wait
+from mediaserver.tasks import TaskSet
 from mediaserver.webhooks import Outbox
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("initiated", "recording", "paused", "stopped", "processing")
 PUMP_EVERY_S = 1.0
+CLOSE_SESSIONS_S = 10.0  # how long close() waits for the sessions it hung up to end
+CLOSE_STORING_S = 30.0  # and then for the recordings being stored
 
 
 @dataclass(slots=True)
@@ -57,7 +61,7 @@ class LiveRecording:
     command_uid: str | None
     spool: Path | None = None
     state: str = "initiated"  # as commands have been accepted: recording, paused, stopping
-    pumping: bool = False
+    pumping: asyncio.Task | None = None  # the upload's pump while it sends parts
 
 
 @dataclass(slots=True)
@@ -66,7 +70,7 @@ class LiveSession:
     app_id: str
     source: str
     created_at: float
-    session: Session
+    session: SessionPort  # a Session here, or a RemoteSession standing for one in a worker
     legs: dict[str, str] = field(default_factory=dict)  # leg_id -> role
     ended_legs: set[str] = field(default_factory=set)
     recording: LiveRecording | None = None  # the one commands act on
@@ -77,95 +81,97 @@ class LiveSession:
     idle_since: float | None = None  # monotonic time since when it has had no live leg or recording
     progressed: asyncio.Event = field(default_factory=asyncio.Event)  # set when a turn of it is reported
     hurried: bool = False  # asked to be processed now, and no turn reported since
-    on_end: list[Callable[[], Any]] = field(default_factory=list)
+    over: asyncio.Event = field(default_factory=asyncio.Event)  # set once the engine has ended it: its owners let go
 
 
 class Engine:
     """Owns the live sessions of this process and drives their processing."""
 
-    def __init__(self, config: Config, catalog: Catalog, storage: Storage, outbox: Outbox, clock) -> None:
-        self.config = config
+    def __init__(self, settings: EngineSettings, catalog: Catalog, storage: Storage, outbox: Outbox, clock) -> None:
+        self.settings = settings
         self.catalog = catalog
         self.storage = storage
         self.outbox = outbox
+        self.announcer = Announcer(outbox, settings.base_url, settings.recording_base_url)
+        self.archive = Archive(catalog, storage, self.announcer, clock, retention_hours=settings.retention_hours,
+                               sweep_every_s=settings.sweep_every_s)
         self.clock = clock
-        self.defaults = config.recording_defaults()
+        self.defaults = settings.defaults
+        self.admission = Admission(settings.admission, clock)
         self.sessions: dict[str, LiveSession] = {}
         self.counters: dict[str, int] = {"frames_in": 0, "samples_in": 0}
         self.dropped: dict[str, int] = {}  # input refused or dropped, by reason
-        self.processor = Processor(config, clock, self._on_results)
-        self.rtp_ports = PortPool(config.sip_host, config.rtp_port_min, config.rtp_port_max)
+        self.processor = Processor(settings.processing, clock, self._on_results)
+        self.rtp_ports = PortPool(settings.worker.rtp_host, settings.worker.rtp_port_min, settings.worker.rtp_port_max)
         # With workers ≥ 2 every session runs in a worker process (one Python process keeps
         # about one core busy); with 1, sessions run on this process's processing thread.
         self.shards: list[RemoteShard] = []
-        self._tasks: set[asyncio.Task] = set()
-        self._housekeeping_task: asyncio.Task | None = None
-        self._sweep_task: asyncio.Task | None = None
+        self._loops = TaskSet("engine loops")  # housekeeping and the retention sweep
+        self._all_ended = asyncio.Event()  # set whenever no session is live
+        self._all_ended.set()
         self._closing = False
 
     # -- lifetime ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.recover()
+        await self.archive.recover()
         self.processor.start()
-        if self.config.workers > 1:
-            for index in range(self.config.workers):
+        if self.settings.workers > 1:
+            for index in range(self.settings.workers):
                 await self._start_shard(index)
-        self._housekeeping_task = asyncio.create_task(self._housekeeping_loop(), name="housekeeping")
-        self._sweep_task = asyncio.create_task(self._sweep_loop(), name="retention-sweep")
+        self._loops.spawn(self._housekeeping_loop(), "housekeeping")
+        self._loops.spawn(self.archive.sweep_loop(), "retention-sweep")
 
     async def close(self) -> None:
         """End every session (their recordings are finished and stored), then stop."""
         self._closing = True
         for uuid in list(self.sessions):
             await self.end_session(uuid)
-        deadline = time.monotonic() + 10
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(self.config.tick_ms / 1000)
-        for task in (self._housekeeping_task, self._sweep_task):
-            await cancel_and_wait(task)
-        self._housekeeping_task = self._sweep_task = None
+        try:
+            async with asyncio.timeout(CLOSE_SESSIONS_S):
+                await self._all_ended.wait()
+        except TimeoutError:
+            log.warning("%d sessions still ending after %.0f s; stopping anyway", len(self.sessions), CLOSE_SESSIONS_S)
+        await self._loops.close()
         for shard in self.shards:
             await shard.close()
         await self.processor.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=30)
-        for task in list(self._tasks):
-            task.cancel()
+        await self.archive.wait(timeout=CLOSE_STORING_S)  # recordings being stored finish, if they can
+        await self.archive.close()
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def recording_url(self, row: dict[str, Any]) -> str:
+        """Where a stored recording is fetched from (the download route, or RECORDING_BASE_URL)."""
+        return self.announcer.recording_url(row)
 
     # -- sessions and legs -------------------------------------------------------------
 
     def create_session(self, app_id: str, source: str, uuid: str | None = None, meta: dict[str, Any] | None = None) -> LiveSession:
         uuid = uuid or ids.session_uuid()
         if uuid in self.sessions or self.catalog.session(uuid) is not None:
-            raise ServiceError(409, "sessions.exists", f"session {uuid} already exists")
+            raise Conflict("sessions.exists", f"session {uuid} already exists")
+        self.admission.check(len(self.sessions))  # Unavailable past capacity
         now = self.clock.time()
         session = self._new_session(uuid, app_id)
         live = self.sessions[uuid] = LiveSession(uuid, app_id, source, now, session)
+        self._all_ended.clear()
         self.catalog.create_session(uuid, app_id, source, now, meta)
-        self.outbox.emit(app_id, "session.started", {"session_uuid": uuid, "source": source})
+        self.announcer.session_started(app_id, uuid, source)
         return live
 
     def session_for(self, app_id: str, uuid: str) -> LiveSession:
-        """The live session `uuid` of `app_id`: 404 unknown, 403 another app's, 409 ended."""
+        """The live session `uuid` of `app_id`: NotFound, Forbidden (another app's) or Conflict (ended)."""
         live = self.sessions.get(uuid)
         if live is None:
             row = self.catalog.session(uuid)
             if row is None:
-                raise ServiceError(404, "sessions.not_found", f"no session {uuid}")
+                raise NotFound("sessions.not_found", f"no session {uuid}")
             if row["app_id"] != app_id:
-                raise ServiceError(403, "auth.forbidden", "this session belongs to another app")
-            raise ServiceError(409, "sessions.ended", f"session {uuid} has ended")
+                raise Forbidden("auth.forbidden", "this session belongs to another app")
+            raise Conflict("sessions.ended", f"session {uuid} has ended")
         if live.app_id != app_id:
-            raise ServiceError(403, "auth.forbidden", "this session belongs to another app")
+            raise Forbidden("auth.forbidden", "this session belongs to another app")
         if live.ending:
-            raise ServiceError(409, "sessions.ended", f"session {uuid} is ending")
+            raise Conflict("sessions.ended", f"session {uuid} is ending")
         return live
 
     def add_leg(self, live: LiveSession, role: str, kind: str) -> str:
@@ -175,19 +181,22 @@ class Engine:
         self.catalog.add_leg(leg_id, live.uuid, role, kind, self.clock.time())
         return leg_id
 
-    def post_pcm(self, live: LiveSession, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None,
-                 at_mono: float | None = None) -> None:
-        """PCM of a leg that arrived at `at_mono` (now by default): the channels of one
-        frame pass the same arrival, so legs that begin together are placed together."""
+    def open_leg(self, live: LiveSession, role: str, kind: str) -> Leg:
+        """A new leg of `live` and the handle its call talks to it through."""
+        return Leg(self, live, self.add_leg(live, role, kind), role, kind)
+
+    def post_pcm(self, live: LiveSession, frame: PcmFrame, at_mono: float | None = None) -> None:
+        """A leg's audio (`frame.leg`) that arrived at `at_mono` (now by default): the channels
+        of one stereo frame pass the same arrival, so legs that begin together are placed together."""
         self.counters["frames_in"] += 1
-        self.counters["samples_in"] += len(samples)
-        live.session.post_pcm(leg_id, samples, rate, pts, self.clock.monotonic() if at_mono is None else at_mono)
+        self.counters["samples_in"] += len(frame.samples)
+        live.session.post_pcm(frame, self.clock.monotonic() if at_mono is None else at_mono)
 
     def monotonic(self) -> float:
         return self.clock.monotonic()
 
     def _new_session(self, uuid: str, app_id: str) -> Session | RemoteSession:
-        t0, jitter = self.clock.monotonic(), self.config.jitter_ms / 1000
+        t0, jitter = self.clock.monotonic(), self.settings.jitter_ms / 1000
         if self.shards:
             shard = min(self.shards, key=lambda s: len(s.sessions))
             return RemoteSession(shard, uuid, app_id, t0, self.defaults.sample_rate, jitter)
@@ -260,10 +269,7 @@ class Engine:
         live.progressed.clear()
         if not live.hurried:  # one request per turn, however many sockets of it wait
             live.hurried = True
-            if isinstance(live.session, RemoteSession):
-                live.session.hurry = True
-            else:
-                self.processor.hurry(live.session)
+            live.session.expedite()
         try:
             async with asyncio.timeout(timeout):
                 await live.progressed.wait()
@@ -286,8 +292,8 @@ class Engine:
         now = self.clock.time()
         extension, content_type = file_type(options.format)
         created = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-        key = object_key(self.config.s3_key_template, live.app_id, rid, extension, created)
-        spool_path = self.config.data_dir / "spool" / f"{rid}.{extension}"
+        key = object_key(self.settings.key_template, live.app_id, rid, extension, created)
+        spool_path = self.settings.spool_dir / f"{rid}.{extension}"
         self.catalog.create_recording(
             id=rid, session_uuid=live.uuid, app_id=live.app_id, state="initiated", format=options.format,
             sample_rate=options.sample_rate, channels=options.channels, bitrate=options.effective_bitrate,
@@ -295,8 +301,9 @@ class Engine:
             spool_path=str(spool_path), created_at=now, command_uid=command_uid)
         upload = self.storage.begin(key, spool_path, content_type)
         rec = LiveRecording(rid, live.app_id, live.uuid, options, key, upload, content_type, command_uid, spool_path)
-        spec = RecordingSpec(rid, options, str(spool_path), self.config.mp3_quality, self.config.opus_complexity,
-                             self.config.wav_buffer_ms, self.config.silence_threshold_dbfs)
+        encoders = self.settings.encoders
+        spec = RecordingSpec(rid, options, str(spool_path), encoders.mp3_quality, encoders.opus_complexity,
+                             encoders.wav_buffer_ms, encoders.silence_threshold_dbfs)
         live.recording = live.recordings[rid] = rec
         live.session.start_recording(spec, self.clock.monotonic())
         return rec
@@ -321,7 +328,7 @@ class Engine:
                 self._session_ended(live)
 
     async def _start_shard(self, index: int) -> None:
-        shard = RemoteShard(self.config, index, self.config.workers, self._on_results, self._shard_gone)
+        shard = RemoteShard(self.settings.worker, index, self.settings.workers, self._on_results, self._shard_gone)
         await shard.start()
         if index < len(self.shards):
             self.shards[index] = shard
@@ -342,7 +349,7 @@ class Engine:
             for row in self.catalog.recordings(live.app_id, session_uuid=uuid, limit=500)[0]:
                 # "processing" ones were closed before the worker died and are being stored.
                 if row["state"] in ("initiated", "recording", "paused", "stopped"):
-                    self._spawn(self._recover(row), f"recover-{row['id']}")
+                    self.archive.recover_one(row)
         shard.sessions.clear()
         if not self._closing:
             await self._start_shard(shard.index)
@@ -350,58 +357,58 @@ class Engine:
     async def _housekeeping_loop(self) -> None:
         while True:
             await asyncio.sleep(PUMP_EVERY_S)
-            self._pump_uploads()
+            self.admission.observe(self.lateness)
+            for live in list(self.sessions.values()):
+                for rec in list(live.recordings.values()):
+                    self.archive.pump(rec)
             await self._end_idle_sessions()
 
-    def _handle(self, live: LiveSession, events: list) -> None:
-        for kind, data in events:
+    def _handle(self, live: LiveSession, events: list[Event]) -> None:
+        for event in events:
             try:
-                self._on_event(live, kind, data)
+                self._on_event(live, event)
             except Exception:
-                log.exception("handling %s for session %s failed", kind, live.uuid)
+                log.exception("handling %s for session %s failed", type(event).__name__, live.uuid)
 
-    def _on_event(self, live: LiveSession, kind: str, data: dict[str, Any]) -> None:
-        rid = data.get("recording_id")
-        rec = live.recordings.get(rid)
+    def _on_event(self, live: LiveSession, event: Event) -> None:
+        rec = live.recordings.get(getattr(event, "recording_id", None))
         if rec is None:
-            return
+            return  # leg.joined, or a recording already closed
         now = self.clock.time()
-        if kind == "recording.started":
-            self.catalog.update_recording(rid, state="recording", started_at=now)
-            self._emit(rec, "recording.started", {})
-        elif kind in ("recording.paused", "recording.resumed"):
-            state = "paused" if kind == "recording.paused" else "recording"
-            self.catalog.update_recording(rid, state=state)
-            self._emit(rec, kind, {})
-        elif kind == "recording.stopped":
-            self.catalog.update_recording(rid, state="stopped", stopped_at=now, termination_reason=data["reason"], finish_key=data.get("finish_key"))
-            self._emit(rec, "recording.stopped", {"termination_reason": data["reason"], "finish_key": data.get("finish_key")})
-        if kind == "recording.stopped" and live.recording is rec:
-            rec.state = "stopping"
-        if kind == "recording.closed":
-            del live.recordings[rid]
-            if live.recording is rec:
-                live.recording = None
-            self._spawn(self._store(rec, data), f"store-{rid}")
+        match event:
+            case RecordingStarted():
+                self.catalog.update_recording(rec.id, state="recording", started_at=now)
+                self._emit(rec, "recording.started", {})
+            case RecordingPaused() | RecordingResumed():
+                paused = isinstance(event, RecordingPaused)
+                self.catalog.update_recording(rec.id, state="paused" if paused else "recording")
+                self._emit(rec, "recording.paused" if paused else "recording.resumed", {})
+            case RecordingStopped(_, _, reason, finish_key):
+                self.catalog.update_recording(rec.id, state="stopped", stopped_at=now, termination_reason=reason, finish_key=finish_key)
+                self._emit(rec, "recording.stopped", {"termination_reason": reason, "finish_key": finish_key})
+                if live.recording is rec:
+                    rec.state = "stopping"
+            case RecordingClosed():
+                del live.recordings[rec.id]
+                if live.recording is rec:
+                    live.recording = None
+                self.archive.store(rec, event)
 
     def _emit(self, rec: LiveRecording, kind: str, extra: dict[str, Any]) -> None:
-        payload = {"recording_id": rec.id, "session_uuid": rec.session_uuid, "command_uid": rec.command_uid, **extra}
-        self.outbox.emit(rec.app_id, kind, payload)
+        self.announcer.recording(rec.app_id, kind, rec.id, rec.session_uuid, rec.command_uid, **extra)
 
     def _session_ended(self, live: LiveSession) -> None:
         if self.sessions.get(live.uuid) is not live:
             return
         del self.sessions[live.uuid]
+        if not self.sessions:
+            self._all_ended.set()
         now = self.clock.time()
         self.catalog.update_session(live.uuid, state="ended", ended_at=now)
         for leg_id in live.legs:
             self.catalog.update_leg(leg_id, ended_at=now)
-        self.outbox.emit(live.app_id, "session.ended", {"session_uuid": live.uuid})
-        for callback in live.on_end:
-            try:
-                callback()
-            except Exception:
-                log.exception("session %s end callback failed", live.uuid)
+        self.announcer.session_ended(live.app_id, live.uuid)
+        live.over.set()
 
     async def _end_idle_sessions(self) -> None:
         now = self.clock.monotonic()
@@ -410,166 +417,6 @@ class Engine:
                 live.idle_since = None
             elif live.idle_since is None:
                 live.idle_since = now
-            elif now - live.idle_since >= self.config.session_idle_s:
+            elif now - live.idle_since >= self.settings.session_idle_s:
                 log.info("session %s idle for %.0f s: ending it", live.uuid, now - live.idle_since)
                 await self.end_session(live.uuid)
-
-    # -- storing -----------------------------------------------------------------------
-
-    def _pump_uploads(self) -> None:
-        for live in list(self.sessions.values()):
-            for rec in list(live.recordings.values()):
-                if not rec.pumping:
-                    rec.pumping = True
-                    self._spawn(self._pump(rec), f"pump-{rec.id}")
-
-    async def _pump(self, rec: LiveRecording) -> None:
-        try:
-            await rec.upload.pump()
-        except StorageError as exc:
-            log.warning("uploading %s: %s (will retry)", rec.id, exc)
-        finally:
-            rec.pumping = False
-
-    async def _store(self, rec: LiveRecording, summary: dict[str, Any]) -> None:
-        """The recording is closed (its spool final): store it and say so."""
-        duration = summary["duration"]
-        self.catalog.update_recording(rec.id, state="processing", duration=duration, legs=summary["legs"], error=summary.get("error"))
-        if rec.spool is not None:
-            await asyncio.to_thread(remove_checkpoint, rec.spool)  # the catalog has the final legs
-        while rec.pumping:
-            await asyncio.sleep(0.05)
-        await self.finish_upload(rec.id, rec.app_id, rec.upload, duration)
-
-    async def finish_upload(self, rid: str, app_id: str, upload: Upload, duration: float) -> None:
-        """Complete the upload and announce the stored recording (or its failure)."""
-        try:
-            info = await upload.complete()
-        except StorageError as exc:
-            log.error("recording %s could not be stored: %s", rid, exc)
-            await upload.abort()
-            self.catalog.update_recording(rid, state="failed", error=str(exc))
-            row = self.catalog.recording(rid)
-            self.outbox.emit(app_id, "recording.failed", {"recording_id": rid, "session_uuid": row["session_uuid"], "reason": str(exc), "command_uid": row["command_uid"]})
-            return
-        now = self.clock.time()
-        expires = now + self.config.recording_retention_hours * 3600
-        self.catalog.update_recording(rid, state="completed", completed_at=now, file_size=info.size, sha256=info.sha256, expires_at=expires, spool_path=None)
-        self._announce_completed(self.catalog.recording(rid))
-
-    def recording_url(self, row: dict[str, Any]) -> str:
-        if self.config.recording_base_url:
-            return f"{self.config.recording_base_url.rstrip('/')}/{row['storage_key']}"
-        return f"{self.config.base_url}/api/v1/recordings/{row['id']}/download"
-
-    def _announce_completed(self, row: dict[str, Any]) -> None:
-        payload = {
-            "recording_id": row["id"],
-            "session_uuid": row["session_uuid"],
-            "recording_url": self.recording_url(row),
-            "duration": row["duration"],
-            "file_size": row["file_size"],
-            "format": row["format"],
-            "checksum": {"algorithm": "sha256", "value": row["sha256"]},
-            "command_uid": row["command_uid"],
-            "termination_reason": row["termination_reason"],
-            "finish_key": row["finish_key"],
-            # legs that never carried media, and why (ice_failed, dtls_failed, no_media)
-            "failed_legs": [{"leg_id": leg["leg_id"], "role": leg["role"], "error": leg["error"]}
-                            for leg in row["legs"] or [] if leg.get("error")],
-        }
-        self.outbox.emit(row["app_id"], "recording.completed", payload)
-        action_url = row["options"].get("action_url")
-        if action_url:
-            record_verb = {
-                "RecordingUrl": payload["recording_url"],
-                "RecordingDuration": round(row["duration"] or 0),
-                "RecordingSid": row["id"],
-                "CallId": row["session_uuid"],
-                "RecordingStatus": "completed",
-                "Digits": row["finish_key"] or "",
-            }
-            self.outbox.emit(row["app_id"], "recording.completed", payload, url=action_url, extra=record_verb)
-
-    # -- retention ---------------------------------------------------------------------
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            try:
-                await self.sweep_expired()
-            except Exception:
-                log.exception("the retention sweep failed; it will run again")
-            await asyncio.sleep(self.config.retention_sweep_s)
-
-    async def sweep_expired(self) -> int:
-        """Delete the files of recordings past retention; they answer 410 from then on."""
-        swept = 0
-        for row in self.catalog.expired_recordings(self.clock.time()):
-            try:
-                await self.storage.delete(row["storage_key"])
-            except StorageError as exc:
-                log.warning("could not delete expired %s: %s (will retry)", row["id"], exc)
-                continue
-            self.catalog.update_recording(row["id"], state="expired")
-            swept += 1
-        return swept
-
-    # -- recovery ----------------------------------------------------------------------
-
-    async def recover(self) -> None:
-        """After a restart: end the sessions the stop ended (announcing it, once: the next
-        restart finds them ended) and finish every recording that was not yet stored."""
-        for row in self.catalog.active_sessions():
-            now = self.clock.time()
-            # Queued before the state changes: a crash in between announces it twice, never not at all.
-            self.outbox.emit(row["app_id"], "session.ended", {"session_uuid": row["uuid"]})
-            for leg in self.catalog.legs(row["uuid"]):
-                if leg["ended_at"] is None:
-                    self.catalog.update_leg(leg["leg_id"], ended_at=now)
-            self.catalog.update_session(row["uuid"], state="ended", ended_at=now)
-        for row in self.catalog.recordings_in(ACTIVE_STATES):
-            self._spawn(self._recover(row), f"recover-{row['id']}")
-
-    async def _recover(self, row: dict[str, Any]) -> None:
-        """Recover one recording, waiting out storage that is down for now."""
-        delay = 1.0
-        while True:
-            try:
-                return await self._recover_one(self.catalog.recording(row["id"]))
-            except StorageError as exc:
-                if not getattr(exc, "transient", False):
-                    raise
-                log.warning("recovering %s: %s (retrying in %.0f s)", row["id"], exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-
-    async def _recover_one(self, row: dict[str, Any]) -> None:
-        rid = row["id"]
-        spool = Path(row["spool_path"]) if row["spool_path"] else None
-        if spool is None or not spool.exists():
-            if await self.storage.exists(row["storage_key"]):
-                info = await self.storage.stat(row["storage_key"])
-                self.catalog.update_recording(rid, state="completed", completed_at=self.clock.time(), file_size=info.size, sha256=info.sha256,
-                                              expires_at=self.clock.time() + self.config.recording_retention_hours * 3600, spool_path=None)
-                self._announce_completed(self.catalog.recording(rid))
-                return
-            self.catalog.update_recording(rid, state="failed", error="the spool file was lost")
-            self.outbox.emit(row["app_id"], "recording.failed", {"recording_id": rid, "session_uuid": row["session_uuid"], "reason": "the spool file was lost", "command_uid": row["command_uid"]})
-            return
-        duration = await asyncio.to_thread(repair, row["format"], spool, row["sample_rate"], row["channels"], row["bitrate"])
-        interrupted = row["state"] != "processing"
-        # An interrupted recording's legs are as far as they were checkpointed with its spool.
-        legs = _within(await asyncio.to_thread(read_checkpoint, spool) or [], duration) if interrupted else row["legs"]
-        self.catalog.update_recording(
-            rid, state="processing", duration=duration if interrupted or row["duration"] is None else row["duration"],
-            termination_reason=row["termination_reason"] or "error", legs=legs,
-            error=row["error"] or ("the server stopped during the recording; the audio received until then was kept" if interrupted else None))
-        await asyncio.to_thread(remove_checkpoint, spool)
-        upload = await self.storage.resume(row["storage_key"], spool, row["content_type"])
-        await self.finish_upload(rid, row["app_id"], upload, duration)
-
-
-def _within(legs: list[dict[str, Any]], duration: float) -> list[dict[str, Any]]:
-    """Checkpointed legs told of audio still in the encoder's buffer: none past the file's end."""
-    end = round(duration * 1000, 1)
-    return [{**leg, **{name: min(leg[name], end) for name in ("first_ms", "last_ms") if leg.get(name) is not None}} for leg in legs]

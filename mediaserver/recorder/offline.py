@@ -20,7 +20,7 @@ import soundfile
 
 from mediaserver.encoding import make_encoder
 from mediaserver.errors import MediaServerError
-from mediaserver.media import SUPPORTED_RATES
+from mediaserver.media import SUPPORTED_RATES, PcmFrame
 from mediaserver.options import RecordingOptions
 from mediaserver.recorder.recording import Recording
 from mediaserver.recorder.session import Session
@@ -105,7 +105,7 @@ def _pump(session: Session, files, legs, recording: Recording) -> None:
             sf = files[index]
             block = _read(sf, int(sf.samplerate * CHUNK_S))
             if len(block):
-                session.post_pcm(legs[index].leg_id, block, sf.samplerate)
+                session.post_pcm(PcmFrame(block, sf.samplerate, None, legs[index].leg_id))
             if len(block) < int(sf.samplerate * CHUNK_S):
                 session.end_leg(legs[index].leg_id, 0.0)
                 open_files.remove(index)

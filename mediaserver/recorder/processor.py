@@ -19,7 +19,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from mediaserver.config import Config
+from mediaserver.config import ProcessingSettings
+from mediaserver.recorder.messages import RecordingClosed, RecordingStopped
 from mediaserver.recorder.recording import legs_view
 from mediaserver.recorder.session import Session
 from mediaserver.tasks import cancel_and_wait
@@ -84,9 +85,9 @@ class Result:
 class Processor:
     """The sessions of this process and the one thread that processes them."""
 
-    def __init__(self, config: Config, clock, on_results: Callable[[list[Result]], Awaitable[None]],
+    def __init__(self, settings: ProcessingSettings, clock, on_results: Callable[[list[Result]], Awaitable[None]],
                  report_progress: bool = False) -> None:
-        self.config = config
+        self.settings = settings
         # In a worker: report every turn of a session that takes PCM, even without events,
         # because the server process's backpressure on that stream follows its progress.
         self.report_progress = report_progress
@@ -102,18 +103,14 @@ class Processor:
 
     def add(self, session: Session) -> None:
         # Sessions take turns: each is processed every process_ms, spread over the ticks.
-        session.next_process = self.clock.monotonic() + random.uniform(0, self.config.process_ms / 1000)
+        session.next_process = self.clock.monotonic() + random.uniform(0, self.settings.process_ms / 1000)
+        session.on_expedite = self._wake.set
         self.sessions[session.uuid] = session
 
     def remove(self, uuid: str) -> None:
         session = self.sessions.pop(uuid, None)
         if session is not None:
             add_mixer_drops(self.dropped, session.mixer.totals)
-
-    def hurry(self, session: Session) -> None:
-        """An ingest waits for this session's mix: process it now, not at its turn or tick."""
-        session.hurry = True
-        self._wake.set()
 
     def dropped_totals(self) -> dict[str, int]:
         """Input dropped so far by reason, live sessions included (samples for audio)."""
@@ -135,7 +132,7 @@ class Processor:
         than real time is then mixed as fast as the processing thread goes, not a tick's worth
         at a time."""
         loop = asyncio.get_running_loop()
-        interval = self.config.tick_ms / 1000
+        interval = self.settings.tick_ms / 1000
         due = loop.time()
         while True:
             ticked = loop.time() >= due
@@ -174,12 +171,12 @@ class Processor:
         sample, so fewer, longer turns hold more calls.
         """
         results = []
-        period = self.config.process_ms / 1000
+        period = self.settings.process_ms / 1000
         for session in list(self.sessions.values()):
-            hurried = session.hurry
+            hurried = session.expedited
             if now < session.next_process and not session.ended and not hurried and not session.hangup_posted:
                 continue
-            session.hurry = False
+            session.expedited = False
             if now >= session.next_process:
                 # A hurried turn leaves the schedule alone: were it to count as a regular
                 # turn, a fast stream's many hurried turns would push the next regular one
@@ -228,7 +225,7 @@ def contain(session: Session, exc: Exception) -> list:
     events: list = []
     if recording is not None and not recording.done:
         recording.finish("error")
-        events.append(("recording.stopped", {"recording_id": recording.id, "at": recording.position, "reason": "error", "finish_key": None}))
+        events.append(RecordingStopped(recording.id, recording.position, "error", None))
         try:
             recording.close()
         except Exception:
@@ -236,8 +233,8 @@ def contain(session: Session, exc: Exception) -> list:
         finally:
             if hasattr(recording.sink, "close"):
                 recording.sink.close(sync=False)
-        events.append(("recording.closed", {"recording_id": recording.id, "duration": recording.duration_samples / recording.rate,
-                                            "legs": legs_view(recording), "error": f"processing failed: {exc}"}))
+        events.append(RecordingClosed(recording.id, recording.duration_samples / recording.rate, legs_view(recording),
+                                      f"processing failed: {exc}"))
     return events
 
 

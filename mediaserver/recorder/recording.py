@@ -21,6 +21,7 @@ from mediaserver.encoding import Encoder
 from mediaserver.media import DtmfEvent
 from mediaserver.mixing import Block, mixdown
 from mediaserver.options import RecordingOptions
+from mediaserver.recorder.messages import Event, RecordingPaused, RecordingResumed, RecordingStarted, RecordingStopped
 from mediaserver.recorder.output import OutputStage
 from mediaserver.recorder.termination import FRAME_MS, SilenceTracker, first_silence_end, mono_view
 
@@ -94,7 +95,7 @@ class Recording:
         self.finish_key: str | None = None
         self.ended_at: int | None = None
         self.legs: dict[str, LegTally] = {}
-        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[Event] = []
         self.taps: list[Callable[[np.ndarray | None], None]] = []  # live listeners of what is encoded
         self._commands: list[_Command] = []
         self._seq = 0
@@ -166,15 +167,15 @@ class Recording:
             self._terminate("stop", pos)
         elif command.kind == "pause" and self.state == "recording":
             self.state, self._behavior = "paused", command.behavior
-            self.events.append(("recording.paused", {"at": pos, "behavior": command.behavior}))
+            self.events.append(RecordingPaused(self.id, pos, command.behavior))
         elif command.kind == "resume" and self.state == "paused":
             self.state = "recording"
-            self.events.append(("recording.resumed", {"at": pos}))
+            self.events.append(RecordingResumed(self.id, pos))
 
     def _segment(self, block: Block, start: int, end: int, keys: list[DtmfEvent]) -> None:
         if self.state == "initiated":
             self.state = "recording"
-            self.events.append(("recording.started", {"at": start}))
+            self.events.append(RecordingStarted(self.id, start))
         lo, hi = start - block.start, end - block.start
         if self.state == "paused":
             if self._behavior == "silence":
@@ -223,7 +224,7 @@ class Recording:
         self.position = at
         self.state = "stopped"
         self._commands.clear()
-        self.events.append(("recording.stopped", {"at": at, "reason": reason, "finish_key": self.finish_key}))
+        self.events.append(RecordingStopped(self.id, at, reason, self.finish_key))
 
     def _tally(self, block: Block, start: int, end: int) -> None:
         for leg in block.legs:

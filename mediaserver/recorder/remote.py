@@ -1,8 +1,9 @@
 """The server process's side of a worker process: the worker itself (`RemoteShard`), and
 stand-ins for what runs in it (`RemoteSession`, `RemoteRtpMedia`).
 
-A `RemoteSession` takes the same calls as a `Session` (post, add_leg, post_pcm, end_leg),
-so ingest and commands do not care where a session runs; it forwards them to its worker.
+A `RemoteSession` takes the same calls as a `Session` (the `SessionPort` of
+`recorder.session`), so ingest and commands do not care where a session runs; it forwards
+them to its worker as the messages of `recorder.wire`.
 What the worker's sessions report comes back through `on_results`, as for sessions of
 this process.
 """
@@ -20,11 +21,14 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from mediaserver.config import Config
+from mediaserver.config import WorkerSettings
+from mediaserver.media import PcmFrame
 from mediaserver.recorder.processor import LatenessHistogram, Result
 from mediaserver.recorder.rtpmedia import format_spec
+from mediaserver.recorder.messages import Command, Counters, EndLeg, Hangup, Message, Pcm, Tap
 from mediaserver.recorder.session import LegInput, PostingCalls
-from mediaserver.recorder.wire import Channel
+from mediaserver.recorder.wire import (Channel, Exit, Expedite, NewLeg, NewSession, Post, Reply, Request, Results, Setup,
+                                        Stats, TapAudio)
 from mediaserver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -39,9 +43,9 @@ class WorkerGone(OSError):
 class RemoteShard:
     """One worker process and the channel to it."""
 
-    def __init__(self, config: Config, index: int, count: int, on_results: Callable[[list[Result]], Awaitable[None]],
+    def __init__(self, settings: WorkerSettings, index: int, count: int, on_results: Callable[[list[Result]], Awaitable[None]],
                  on_gone: Callable[["RemoteShard"], Awaitable[None]]) -> None:
-        self.config = config
+        self.settings = settings
         self.index = index
         self.count = count
         self.sessions: dict[str, RemoteSession] = {}
@@ -69,7 +73,7 @@ class RemoteShard:
         finally:
             theirs.close()
         self._channel = await Channel.open(ours)
-        self._channel.send(("config", self.config, self.index, self.count))
+        self._channel.send(Setup(self.settings, self.index, self.count))
         self._reader = asyncio.create_task(self._read(), name=f"worker-{self.index}-reader")
 
     async def close(self) -> None:
@@ -78,7 +82,7 @@ class RemoteShard:
             return
         self._closing = True
         if self._channel is not None:
-            self._channel.send(("exit",))
+            self._channel.send(Exit())
             await self._channel.drain()
         if self._process is not None:
             try:
@@ -94,14 +98,19 @@ class RemoteShard:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: Any) -> None:
         self._channel.send(message)
 
     async def request(self, name: str, *args: Any) -> Any:
+        """Call the worker's `name(*args)` and return its value (or raise its exception)."""
         ident = next(self._ids)
         future = self._requests[ident] = asyncio.get_running_loop().create_future()
-        self.send(("request", ident, name, args))
+        self.send(Request(ident, name, args))
         return await future
+
+    def call(self, name: str, *args: Any) -> None:
+        """Call the worker's `name(*args)` without waiting: no reply comes (the worker logs a failure)."""
+        self.send(Request(None, name, args))
 
     def add_tap(self, listener: Callable) -> int:
         token = next(self._ids)
@@ -127,35 +136,34 @@ class RemoteShard:
             log.error("worker %d exited unexpectedly", self.index)
             await self._on_gone(self)
 
-    async def _dispatch(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "results":
-            results = []
-            for uuid, events, ended, progress in message[1]:
-                session = self.sessions.get(uuid)
-                if session is not None:
-                    session.progress(progress)
-                    if ended:
-                        session.ended = True
-                        self.sessions.pop(uuid, None)
-                results.append(Result(uuid, events, ended))
-            await self._on_results(results)
-        elif kind == "reply":
-            self._reply(*message[1:])
-        elif kind == "tap":
-            self._relay_tap(*message[1:])
-        elif kind == "stats":
-            self._stats(message[1])
+    async def _dispatch(self, message) -> None:
+        match message:
+            case Results(items):
+                results = []
+                for item in items:
+                    session = self.sessions.get(item.uuid)
+                    if session is not None:
+                        session.progress(item.progress)
+                        if item.ended:
+                            session.ended = True
+                            self.sessions.pop(item.uuid, None)
+                    results.append(Result(item.uuid, item.events, item.ended))
+                await self._on_results(results)
+            case Reply(ident, value, error):
+                self._reply(ident, value, error)
+            case TapAudio(uuid, token, pcm):
+                self._relay_tap(uuid, token, pcm)
+            case Stats():
+                self._stats(message)
 
-    def _reply(self, ident: int, ok: bool, value: Any) -> None:
+    def _reply(self, ident: int, value: Any, error: BaseException | None) -> None:
         future = self._requests.pop(ident, None)
         if future is None or future.done():
             return
-        if ok:
+        if error is None:
             future.set_result(value)
         else:
-            kind, text = value
-            future.set_exception(OSError(text) if kind in ("OSError", "PermissionError") else RuntimeError(f"{kind}: {text}"))
+            future.set_exception(error)
 
     def _relay_tap(self, uuid: str, token: int, data: bytes | None) -> None:
         listener = self._taps.get(token)
@@ -167,13 +175,13 @@ class RemoteShard:
         else:
             listener(np.frombuffer(data, dtype=np.int16))
 
-    def _stats(self, stats: dict[str, Any]) -> None:
-        buckets, count, total, peak = stats["lateness"]
+    def _stats(self, stats: Stats) -> None:
+        buckets, count, total, peak = stats.lateness
         histogram = LatenessHistogram()
         histogram.buckets, histogram.count, histogram.sum, histogram.max = list(buckets), count, total, peak
         self.lateness = histogram
-        self.errors = stats["errors"]
-        self.dropped = stats["dropped"]
+        self.errors = stats.errors
+        self.dropped = stats.dropped
 
 
 class RemoteSession(PostingCalls):
@@ -192,56 +200,51 @@ class RemoteSession(PostingCalls):
         self._counted: dict[str, int] = {}  # leg_id -> its packets when its counters were last sent
         self.ended = False
         shard.sessions[uuid] = self
-        shard.send(("session", uuid, app_id, t0, rate, jitter_s))
+        shard.send(NewSession(uuid, app_id, t0, rate, jitter_s))
 
-    def post(self, message: tuple) -> None:
-        if message[0] == "tap":
-            listener, attach = message[1], message[2]
+    def post(self, message: Message) -> None:
+        if isinstance(message, Tap):
+            listener, attach = message.listener, message.attach
             token = self.shard.add_tap(listener) if attach else self.shard.tap_token(listener)
             if token is None:
                 return
-            message = ("tap", token, attach)
-        elif message[0] in ("hangup", "command"):
+            message = Tap(token, attach)
+        elif isinstance(message, (Hangup, Command)):
             for leg in list(self.inputs.values()):  # the legs' stats the recording reports are up to date
                 if leg.packets != self._counted.get(leg.leg_id, 0) or leg.error is not None:
                     self._send_counters(leg)
-        self.shard.send(("post", self.uuid, message))
+        self.shard.send(Post(self.uuid, message))
 
-    @property
-    def hurry(self) -> bool:
-        return False
-
-    @hurry.setter
-    def hurry(self, value: bool) -> None:
-        if value:
-            self.shard.send(("hurry", self.uuid))
+    def expedite(self) -> None:
+        """Have the worker process this session now, not at its turn."""
+        self.shard.send(Expedite(self.uuid))
 
     def add_leg(self, leg_id: str, role: str, at_mono: float) -> LegInput:
         if leg_id in self.inputs:
             raise ValueError(f"leg {leg_id} already exists")
         leg = self.inputs[leg_id] = LegInput(leg_id, role)
-        self.shard.send(("add_leg", self.uuid, leg_id, role, at_mono))
+        self.shard.send(NewLeg(self.uuid, leg_id, role, at_mono))
         return leg
 
-    def post_pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None, at_mono: float = 0.0) -> None:
-        leg = self.inputs[leg_id]
-        leg.posted += len(samples)
-        leg.posted_rate = rate
-        self.post(("pcm", leg_id, samples, rate, pts, at_mono))
-        if leg.packets - self._counted.get(leg_id, 0) >= COUNTERS_EVERY:
+    def post_pcm(self, frame: PcmFrame, at_mono: float = 0.0) -> None:
+        leg = self.inputs[frame.leg]
+        leg.posted += len(frame.samples)
+        leg.posted_rate = frame.rate
+        self.post(Pcm(frame, at_mono))
+        if leg.packets - self._counted.get(frame.leg, 0) >= COUNTERS_EVERY:
             self._send_counters(leg)
 
     def end_leg(self, leg_id: str, at_mono: float) -> None:
         leg = self.inputs.get(leg_id)
         if leg is not None:
             self._send_counters(leg)
-        self.post(("end", leg_id, at_mono))
+        self.post(EndLeg(leg_id, at_mono))
 
     def _send_counters(self, leg: LegInput) -> None:
         """What ingest counted here of a PCM leg (packets, lost, error), for the legs' stats
         that the worker's session reports."""
         self._counted[leg.leg_id] = leg.packets
-        self.post(("counters", leg.leg_id, leg.packets, leg.lost, leg.error))
+        self.post(Counters(leg.leg_id, leg.packets, leg.lost, leg.error))
 
     def timeline_at(self, mono: float, rate: int) -> int:
         return max(int((mono - self.t0) * rate), 0)
@@ -273,10 +276,10 @@ class RemoteRtpMedia:
         return cls(session.shard, leg_id, port)
 
     def set_formats(self, formats) -> None:
-        self.shard.send(("request", 0, "rtp_formats", (self.leg_id, format_spec(formats))))
+        self.shard.call("rtp_formats", self.leg_id, format_spec(formats))
 
     def relatch(self) -> None:
-        self.shard.send(("request", 0, "relatch", (self.leg_id,)))
+        self.shard.call("relatch", self.leg_id)
 
     async def close(self) -> dict[str, Any]:
         try:

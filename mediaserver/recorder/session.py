@@ -5,44 +5,30 @@ threads (the event loop receiving packets, the API) only `post()` messages into 
 session's inbox, a deque, and the processing thread drains it in order; so a command is
 applied after all the audio that was received before it, and there are no locks.
 
-Message kinds (tuples, first item the kind); `add_leg` and `post_pcm` make the first two:
-- ("add", leg_id, at_mono)
-- ("pcm", leg_id, samples, rate, pts, at_mono)
-                                        pts at `rate` on the timeline, or None to follow
-                                        the leg's previous audio (sample-count clock);
-                                        at_mono: when it arrived (live sessions)
-- ("encoded", leg_id, payload, pts, decoder)  an RTP payload: decoded here, off the loop;
-                                        pts at decoder.sample_rate; payload None = lost
-                                        (the decoder conceals it)
-- ("dtmf", leg_id, DtmfEvent)           from RFC 4733, pts at the event's own rate
-- ("dtmf_now", leg_id, digit, source)    a digit signalled without a time (WebSocket):
-                                        placed where the leg's audio has got to
-- ("end", leg_id, at_mono)
-- ("counters", leg_id, packets, lost, error)  what the ingest side counted of a leg whose
-                                        audio it posts as PCM (sent by a worker's stand-in)
-- ("start", RecordingSpec or Recording, at_mono) / ("command", kind, behavior, at_mono)
-- ("tap", listener, attach)              a live listener of the active recording's audio
-- ("hangup", at_mono)
+The messages are the dataclasses of `recorder.messages`, made by the calls of
+`PostingCalls` (which a worker's `RemoteSession` shares): legs, audio (PCM, or RTP payloads
+decoded here, off the loop), key presses, recording commands, taps and the hangup.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from mediaserver.codecs.resample import Resampler
 from mediaserver.dsp.dtmf import DtmfDetector
 from mediaserver.errors import CodecError
-from mediaserver.media import DtmfEvent, rescale
+from mediaserver.media import DtmfEvent, PcmFrame, rescale
+from mediaserver.recorder.messages import (AddLeg, Command, Counters, Dtmf, DtmfNow, Encoded, EndLeg, Event, Hangup,
+                                            LegJoined, Message, Pcm, RecordingClosed, Start, Tap)
 from mediaserver.mixing import Block, Mixer
 from mediaserver.recorder.recording import Recording, legs_view
 from mediaserver.recorder.spec import RecordingSpec, open_recording
 from mediaserver.storage.spool import write_checkpoint
 
-Event = tuple[str, dict[str, Any]]
 CHECKPOINT_S = 0.5  # legs are checkpointed at most this often, and only when the spool grew
 
 # How long a live mix waits for a streamed leg (PCM over TCP: WebSocket) that has gone
@@ -110,35 +96,59 @@ class _Run:
         return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
 
-class PostingCalls:
-    """What ingest, commands and the engine ask of a session, as messages into its inbox;
-    shared by the in-process `Session` and a worker's `RemoteSession`."""
+class SessionPort(Protocol):
+    """What ingest, commands and the engine may ask of a session, wherever it runs: the
+    in-process `Session` and a worker's `RemoteSession` both are one."""
 
-    def post(self, message: tuple) -> None:
+    uuid: str
+    app_id: str
+    t0: float
+    inputs: dict[str, LegInput]
+    ended: bool
+
+    def add_leg(self, leg_id: str, role: str, at_mono: float) -> LegInput: ...
+    def post_pcm(self, frame: PcmFrame, at_mono: float = 0.0) -> None: ...
+    def end_leg(self, leg_id: str, at_mono: float) -> None: ...
+    def dtmf(self, leg_id: str, event: DtmfEvent) -> None: ...
+    def dtmf_now(self, leg_id: str, digit: str, source: str) -> None: ...
+    def start_recording(self, recording, at_mono: float) -> None: ...
+    def command(self, kind: str, behavior: str, at_mono: float) -> None: ...
+    def tap(self, listener, attach: bool) -> None: ...
+    def hangup(self, at_mono: float) -> None: ...
+    def expedite(self) -> None: ...
+    def timeline(self, mono: float) -> int: ...
+    def timeline_at(self, mono: float, rate: int) -> int: ...
+
+
+class PostingCalls:
+    """The calls of `SessionPort` that are one message each, made here for both kinds of
+    session; each kind says how a message reaches its inbox (`post`)."""
+
+    def post(self, message: Message) -> None:
         raise NotImplementedError
 
     def dtmf(self, leg_id: str, event: DtmfEvent) -> None:
         """An RFC 4733 key press, placed at the event's own timestamp."""
-        self.post(("dtmf", leg_id, event))
+        self.post(Dtmf(leg_id, event))
 
     def dtmf_now(self, leg_id: str, digit: str, source: str) -> None:
         """A digit signalled without a time (WebSocket): placed where the leg's audio has got to."""
-        self.post(("dtmf_now", leg_id, digit, source))
+        self.post(DtmfNow(leg_id, digit, source))
 
     def start_recording(self, recording, at_mono: float) -> None:
         """Start `recording` (a RecordingSpec, or a Recording offline) where `at_mono` falls."""
-        self.post(("start", recording, at_mono))
+        self.post(Start(recording, at_mono))
 
     def command(self, kind: str, behavior: str, at_mono: float) -> None:
         """pause, resume or stop the active recording."""
-        self.post(("command", kind, behavior, at_mono))
+        self.post(Command(kind, behavior, at_mono))
 
     def tap(self, listener, attach: bool) -> None:
         """Attach (or detach) a live listener of the active recording's audio."""
-        self.post(("tap", listener, attach))
+        self.post(Tap(listener, attach))
 
     def hangup(self, at_mono: float) -> None:
-        self.post(("hangup", at_mono))
+        self.post(Hangup(at_mono))
 
 
 class Session(PostingCalls):
@@ -155,39 +165,46 @@ class Session(PostingCalls):
         self.recording: Recording | None = None
         self.ended = False
         self.next_process = 0.0  # monotonic time of its next turn (the processor's schedule)
-        self.hurry = False  # an ingest waits for it: process it now, not at its turn
+        self.expedited = False  # an ingest waits for it: process it now, not at its turn
+        self.on_expedite: Callable[[], None] | None = None  # wakes whoever gives it its turns
         self.hangup_posted = False
         self.takes_pcm = False  # some leg posts PCM (whose backlog ingest watches)
         self._hangup_at = 0
         self._checkpoint = (-1, 0.0)  # the spool's size and the time when legs were last checkpointed
-        self.inbox: deque[tuple] = deque()
+        self.inbox: deque[Message] = deque()
         self._events: list[Event] = []
 
     @property
     def rate(self) -> int:
         return self.mixer.rate
 
-    def post(self, message: tuple) -> None:
+    def post(self, message: Message) -> None:
         """Thread-safe: queue a message for the processing thread."""
-        if message[0] == "hangup":
+        if type(message) is Hangup:
             self.hangup_posted = True  # processed at the next tick, not at its turn
         self.inbox.append(message)
+
+    def expedite(self) -> None:
+        """An ingest waits for this session's mix: process it now, not at its turn."""
+        self.expedited = True
+        if self.on_expedite is not None:
+            self.on_expedite()
 
     def add_leg(self, leg_id: str, role: str, at_mono: float) -> LegInput:
         """Ingest side: a new leg; audio may be posted for it at once."""
         if leg_id in self.inputs:
             raise ValueError(f"leg {leg_id} already exists")
         leg = self.inputs[leg_id] = LegInput(leg_id, role)
-        self.post(("add", leg_id, at_mono))
+        self.post(AddLeg(leg_id, at_mono))
         return leg
 
-    def post_pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None = None, at_mono: float = 0.0) -> None:
-        """Ingest side: mono int16 audio for a leg (`pts` None: right after the previous)."""
-        leg = self.inputs[leg_id]
-        leg.posted += len(samples)
-        leg.posted_rate = rate
+    def post_pcm(self, frame: PcmFrame, at_mono: float = 0.0) -> None:
+        """Ingest side: audio of the leg `frame.leg` (`pts` None: right after its previous)."""
+        leg = self.inputs[frame.leg]
+        leg.posted += len(frame.samples)
+        leg.posted_rate = frame.rate
         self.takes_pcm = True
-        self.post(("pcm", leg_id, samples, rate, pts, at_mono))
+        self.post(Pcm(frame, at_mono))
 
     def post_encoded(self, leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
         """Ingest side: one codec payload (None for a lost one) placed at `pts`.
@@ -195,10 +212,10 @@ class Session(PostingCalls):
         `decoder` belongs to the leg's stream and is used only on the processing thread.
         Called for every packet, so it queues directly rather than through `post`.
         """
-        self.inbox.append(("encoded", leg_id, payload, pts, decoder))
+        self.inbox.append(Encoded(leg_id, payload, pts, decoder))
 
     def end_leg(self, leg_id: str, at_mono: float) -> None:
-        self.post(("end", leg_id, at_mono))
+        self.post(EndLeg(leg_id, at_mono))
 
     def timeline(self, mono: float) -> int:
         """The timeline position (at the mixer's rate) of a monotonic clock reading."""
@@ -254,21 +271,22 @@ class Session(PostingCalls):
         inbox = self.inbox
         while inbox:
             message = inbox.popleft()
-            kind = message[0]
-            if kind == "encoded":
-                self._encoded(runs, *message[1:])
-            elif kind == "pcm":
+            kind = type(message)  # audio first, and by identity: this runs for every packet
+            if kind is Encoded:
+                self._encoded(runs, message)
+            elif kind is Pcm:
                 self.takes_pcm = True
-                leg_id, samples, rate, pts, at_mono = message[1:]
-                if leg_id in self.inputs:
-                    self.inputs[leg_id].streamed, self.inputs[leg_id].heard_at = True, now
-                self._collect(runs, leg_id, samples, len(samples), rate, pts, at_mono, None)
+                frame = message.frame
+                if frame.leg in self.inputs:
+                    self.inputs[frame.leg].streamed, self.inputs[frame.leg].heard_at = True, now
+                self._collect(runs, frame.leg, frame.samples, len(frame.samples), frame.rate, frame.pts, message.at_mono, None)
             else:
                 self._flush(runs)
-                self._apply(message, now)
+                self._apply(message)
         self._flush(runs)
 
-    def _encoded(self, runs: dict[str, "_Run"], leg_id: str, payload: bytes | None, pts: int, decoder) -> None:
+    def _encoded(self, runs: dict[str, "_Run"], message: Encoded) -> None:
+        leg_id, payload, pts, decoder = message.leg_id, message.payload, message.pts, message.decoder
         leg = self.inputs.get(leg_id)
         if leg is None:
             return
@@ -316,34 +334,36 @@ class Session(PostingCalls):
             return
         self._pcm(leg_id, samples, run.rate, run.pts, run.at)
 
-    def _apply(self, message: tuple, now: float) -> None:
-        kind = message[0]
-        if kind == "dtmf":
-            self._rfc4733(message[1], message[2])
-        elif kind == "dtmf_now":
-            self._dtmf_now(*message[1:])
-        elif kind == "add":
-            self._add(message[1], message[2])
-        elif kind == "counters":
-            leg = self.inputs.get(message[1])
-            if leg is not None:
-                leg.packets, leg.lost, leg.error = message[2], message[3], message[4]
-        elif kind == "end":
-            if message[1] in self.mixer.legs:  # not when the hangup has ended it already
-                self.mixer.end_leg(message[1], max(self.timeline(message[2]), self.mixer.cursor) if self.live else None)
-        elif kind == "start":
-            self._start(message[1], message[2])
-        elif kind == "command":
-            if self.recording is not None:
-                self.recording.schedule(message[1], self._command_pos(message[3]), message[2])
-        elif kind == "tap":
-            self._tap(message[1], message[2])
-        elif kind == "hangup":
-            self.ended = True
-            # A live call lasts until the moment it was hung up, silence included.
-            self._hangup_at = self.timeline(message[1]) if self.live else 0
-            for leg in self.mixer.legs.values():
-                leg.end(max(self.mixer.cursor, leg.write_pos))
+    def _apply(self, message: Message) -> None:
+        match message:
+            case Dtmf(leg_id, event):
+                self._rfc4733(leg_id, event)
+            case DtmfNow(leg_id, digit, source):
+                self._dtmf_now(leg_id, digit, source)
+            case AddLeg(leg_id, at_mono):
+                self._add(leg_id, at_mono)
+            case Counters(leg_id, packets, lost, error):
+                leg = self.inputs.get(leg_id)
+                if leg is not None:
+                    leg.packets, leg.lost, leg.error = packets, lost, error
+            case EndLeg(leg_id, at_mono):
+                if leg_id in self.mixer.legs:  # not when the hangup has ended it already
+                    self.mixer.end_leg(leg_id, max(self.timeline(at_mono), self.mixer.cursor) if self.live else None)
+            case Start(recording, at_mono):
+                self._start(recording, at_mono)
+            case Command(kind, behavior, at_mono):
+                if self.recording is not None:
+                    self.recording.schedule(kind, self._command_pos(at_mono), behavior)
+            case Tap(listener, attach):
+                self._tap(listener, attach)
+            case Hangup(at_mono):
+                self.ended = True
+                # A live call lasts until the moment it was hung up, silence included.
+                self._hangup_at = self.timeline(at_mono) if self.live else 0
+                for leg in self.mixer.legs.values():
+                    leg.end(max(self.mixer.cursor, leg.write_pos))
+            case _:
+                raise TypeError(f"not a session message: {message!r}")
 
     def _tap(self, listener, attach: bool) -> None:
         recording = self.recording
@@ -364,7 +384,7 @@ class Session(PostingCalls):
         leg = self.inputs[leg_id]
         at = self._command_pos(at_mono) if self.live else 0
         leg.joined_at = self.mixer.add_leg(leg_id, leg.role, at).joined_at
-        self._events.append(("leg.joined", {"leg_id": leg_id, "role": leg.role, "at": leg.joined_at}))
+        self._events.append(LegJoined(leg_id, leg.role, leg.joined_at))
 
     def _pcm(self, leg_id: str, samples: np.ndarray, rate: int, pts: int | None, at_mono: float = 0.0) -> None:
         leg = self.inputs.get(leg_id)
@@ -431,8 +451,7 @@ class Session(PostingCalls):
             try:
                 recording = open_recording(recording)
             except Exception as exc:  # a spool that cannot be created, say: the recording fails
-                self._events.append(("recording.closed", {"recording_id": recording.recording_id, "duration": 0.0,
-                                                          "legs": [], "error": f"could not start: {exc}"}))
+                self._events.append(RecordingClosed(recording.recording_id, 0.0, [], f"could not start: {exc}"))
                 return
         if recording.rate != self.rate:
             self._retune_mixer(recording.rate)
@@ -483,7 +502,7 @@ class Session(PostingCalls):
         recording = self.recording
         events = self._detect(block) if recording.options.finish_on_key and len(block) else []
         recording.feed(block, events)
-        self._events.extend((kind, {"recording_id": recording.id, **data}) for kind, data in recording.events)
+        self._events.extend(recording.events)
         recording.events.clear()
         if recording.done:
             self._close_recording()
@@ -535,7 +554,7 @@ class Session(PostingCalls):
     def _finish_recording(self, reason: str) -> None:
         recording = self.recording
         recording.finish(reason, self.mixer.cursor)
-        self._events.extend((kind, {"recording_id": recording.id, **data}) for kind, data in recording.events)
+        self._events.extend(recording.events)
         recording.events.clear()
         self._close_recording()
 
@@ -550,5 +569,5 @@ class Session(PostingCalls):
         finally:
             if hasattr(recording.sink, "close"):
                 recording.sink.close(sync=False)
-        self._events.append(("recording.closed", {"recording_id": recording.id, "duration": recording.duration_samples / recording.rate,
-                                                  "legs": self._legs_view(recording), "error": error}))
+        self._events.append(RecordingClosed(recording.id, recording.duration_samples / recording.rate,
+                                            self._legs_view(recording), error))

@@ -1,11 +1,118 @@
-"""Messages between the server process and its worker processes: pickled lists, each
-framed by its length, over a local socket pair."""
+"""Messages between the server process and its worker processes, and the channel that
+carries them: pickled lists, each framed by its length, over a local socket pair.
+
+Server → worker: `Setup` (first), `NewSession`, `NewLeg`, `Post` (a session inbox message
+of `recorder.messages`), `Expedite`, `Request`, `Exit`.
+Worker → server: `Results`, `Reply`, `TapAudio`, `Stats`.
+
+A `Request` names a worker method and its arguments; its `ident` is None when no reply is
+wanted, else the `Reply` carries the same ident and either the value or the exception the
+method raised, pickled as itself (or a RuntimeError naming it, if it cannot be pickled).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import pickle
 import struct
+from dataclasses import dataclass
+from typing import Any
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    settings: Any  # the worker's WorkerSettings
+    index: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    uuid: str
+    app_id: str
+    t0: float
+    rate: int
+    jitter_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewLeg:
+    uuid: str
+    leg_id: str
+    role: str
+    at_mono: float
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    uuid: str
+    message: Any  # a recorder.messages message
+
+
+@dataclass(frozen=True, slots=True)
+class Expedite:
+    """Process the session now, not at its turn: an ingest waits for its mix."""
+
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    ident: int | None  # None: no reply wanted
+    name: str
+    args: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """One session's turn as a worker reports it; `progress`: leg_id -> (applied, ahead)."""
+
+    uuid: str
+    events: list
+    ended: bool
+    progress: dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    results: list[SessionResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    ident: int
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TapAudio:
+    uuid: str
+    token: int
+    pcm: bytes | None  # None: the recording ended
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    lateness: tuple  # (buckets, count, sum, max)
+    errors: int
+    dropped: dict[str, int]
+    sessions: int
+
+
+def portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling as itself, else a RuntimeError that names it."""
+    try:
+        if type(pickle.loads(pickle.dumps(exc))) is type(exc):
+            return exc
+    except Exception:
+        pass
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
+
 
 _LENGTH = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024
@@ -26,7 +133,7 @@ class Channel:
         reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME)
         return cls(reader, writer)
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: Any) -> None:
         self._pending.append(message)
         if not self._scheduled:
             self._scheduled = True

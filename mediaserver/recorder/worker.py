@@ -7,17 +7,10 @@ own processing thread (decode, mix, encode, spool). The server process keeps sig
 the API, the catalog, webhooks and storage; it sends the worker what ingest and commands
 post into a session and gets back what the sessions report.
 
-Messages from the server (see `wire.Channel`):
-- ("session", uuid, app_id, t0, rate, jitter_s)       a new session
-- ("add_leg", uuid, leg_id, role, at_mono)
-- ("post", uuid, message)                              a session inbox message
-- ("hurry", uuid)                                      process it now, not at its turn
-- ("request", id, name, args)                          answered by ("reply", id, ok, value):
-  open_rtp(uuid, leg_id, formats, hold_s) -> port, rtp_formats(leg_id, formats),
-  relatch(leg_id), close_rtp(leg_id) -> statistics
-- ("exit",)
-Messages to the server: ("results", [(uuid, events, ended, progress)]), ("reply", …),
-("tap", uuid, token, pcm bytes or None), ("stats", {...}).
+The messages each way are the dataclasses of `recorder.wire`: the server sends what ingest
+and commands post into a session (`Post`), new sessions and legs, `Expedite` and
+`Request`s (open_rtp, rtp_formats, relatch, close_rtp); the worker sends back its sessions'
+`Results`, `Reply`s, tapped audio and its `Stats`.
 """
 
 from __future__ import annotations
@@ -31,12 +24,15 @@ import sys
 from typing import Any
 
 from mediaserver.clock import SystemClock
-from mediaserver.config import Config
+from mediaserver.config import WorkerSettings
 from mediaserver.recorder.processor import Processor, Result, tune_malloc
 from mediaserver.recorder.rtpmedia import RtpMedia, formats_from
 from mediaserver.recorder.session import Session
-from mediaserver.recorder.wire import Channel
+from mediaserver.recorder.messages import Tap
+from mediaserver.recorder.wire import (Channel, Exit, Expedite, NewLeg, NewSession, Post, Reply, Request, Results,
+                                        SessionResult, Setup, Stats, TapAudio, portable)
 from mediaserver.rtp.endpoint import PortPool
+from mediaserver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +44,9 @@ STATS_EVERY_S = 1.0
 GC_YOUNG_THRESHOLD = 50_000
 
 
-def port_share(config: Config, index: int, count: int) -> tuple[int, int]:
+def port_share(settings: WorkerSettings, index: int, count: int) -> tuple[int, int]:
     """The part of the RTP port range that worker `index` of `count` binds from."""
-    low, high = config.rtp_port_min, config.rtp_port_max
+    low, high = settings.rtp_port_min, settings.rtp_port_max
     if low == 0:
         return 0, 0
     span = ((high - low + 1) // count) & ~1
@@ -86,19 +82,20 @@ def tune_gc() -> None:
 async def _serve(sock: socket.socket) -> None:
     channel = await Channel.open(sock)
     first = await channel.receive()
-    _, config, index, count = first[0]
-    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
-    await Worker(config, index, count, channel).run(first[1:])
+    setup: Setup = first[0]
+    settings, index, count = setup.settings, setup.index, setup.count
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
+    await Worker(settings, index, count, channel).run(first[1:])
 
 
 class Worker:
-    def __init__(self, config: Config, index: int, count: int, channel: Channel) -> None:
-        self.config = config
+    def __init__(self, settings: WorkerSettings, index: int, count: int, channel: Channel) -> None:
+        self.settings = settings
         self.index = index
         self.clock = SystemClock()
         self.channel = channel
-        self.processor = Processor(config, self.clock, self._results, report_progress=True)
-        self.ports = PortPool(config.sip_host, *port_share(config, index, count))
+        self.processor = Processor(settings.processing, self.clock, self._results, report_progress=True)
+        self.ports = PortPool(settings.rtp_host, *port_share(settings, index, count))
         self.media: dict[str, RtpMedia] = {}
         self.taps: dict[int, Any] = {}  # token -> listener relaying to the server process
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -114,7 +111,7 @@ class Worker:
         except EOFError:
             log.warning("the server process has gone: closing the spools and leaving")
         finally:
-            stats.cancel()
+            await cancel_and_wait(stats)
             for media in self.media.values():
                 await media.close()
             await self.processor.close()
@@ -124,55 +121,63 @@ class Worker:
 
     async def _dispatch_all(self, batch: list) -> bool:
         for message in batch:
-            if message[0] == "exit":
+            if isinstance(message, Exit):
                 await self.channel.drain()
                 return False
             try:
                 await self._dispatch(message)
             except Exception:
-                log.exception("worker message %s failed", message[0])
+                log.exception("worker message %s failed", type(message).__name__)
         return True
 
-    async def _dispatch(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "post":
-            session = self.processor.sessions.get(message[1])
-            inner = message[2] if message[2][0] != "tap" else self._tap(message[1], *message[2][1:])
-            if session is not None and inner is not None:
-                session.post(inner)
-        elif kind == "add_leg":
-            session = self.processor.sessions.get(message[1])
-            if session is not None:
-                session.add_leg(*message[2:])
-        elif kind == "hurry":
-            session = self.processor.sessions.get(message[1])
-            if session is not None:
-                self.processor.hurry(session)
-        elif kind == "session":
-            uuid, app_id, t0, rate, jitter_s = message[1:]
-            self.processor.add(Session(uuid, app_id, t0, rate, jitter_s=jitter_s))
-        elif kind == "request":
-            await self._request(*message[1:])
+    async def _dispatch(self, message) -> None:
+        match message:
+            case Post(uuid, inner):
+                session = self.processor.sessions.get(uuid)
+                if isinstance(inner, Tap):
+                    inner = self._tap(uuid, inner)
+                if session is not None and inner is not None:
+                    session.post(inner)
+            case NewLeg(uuid, leg_id, role, at_mono):
+                session = self.processor.sessions.get(uuid)
+                if session is not None:
+                    session.add_leg(leg_id, role, at_mono)
+            case Expedite(uuid):
+                session = self.processor.sessions.get(uuid)
+                if session is not None:
+                    session.expedite()
+            case NewSession(uuid, app_id, t0, rate, jitter_s):
+                self.processor.add(Session(uuid, app_id, t0, rate, jitter_s=jitter_s))
+            case Request(ident, name, args):
+                await self._request(ident, name, args)
+            case _:
+                raise TypeError(f"not a worker message: {message!r}")
 
-    def _tap(self, uuid: str, token: int, attach: bool) -> tuple | None:
+    def _tap(self, uuid: str, tap: Tap) -> Tap | None:
         """A tap's token stands for a listener in the server process: relay to it."""
-        if attach:
+        token = tap.listener
+        if tap.attach:
             self.taps[token] = lambda pcm: self._relay_tap(uuid, token, pcm)
-            return ("tap", self.taps[token], True)
+            return Tap(self.taps[token], True)
         listener = self.taps.pop(token, None)
-        return None if listener is None else ("tap", listener, False)
+        return None if listener is None else Tap(listener, False)
 
     def _relay_tap(self, uuid: str, token: int, pcm) -> None:
         # Called on the processing thread: hand over to the loop's thread.
         data = None if pcm is None else pcm.tobytes()
-        self.loop.call_soon_threadsafe(self.channel.send, ("tap", uuid, token, data))
+        self.loop.call_soon_threadsafe(self.channel.send, TapAudio(uuid, token, data))
 
-    async def _request(self, ident: int, name: str, args: tuple) -> None:
+    async def _request(self, ident: int | None, name: str, args: tuple) -> None:
         try:
             value = await getattr(self, f"_{name}")(*args)
-            self.channel.send(("reply", ident, True, value))
         except Exception as exc:
-            self.channel.send(("reply", ident, False, (type(exc).__name__, str(exc))))
+            if ident is None:
+                log.warning("%s%r failed: %s", name, args, exc)
+            else:
+                self.channel.send(Reply(ident, error=portable(exc)))
+            return
+        if ident is not None:
+            self.channel.send(Reply(ident, value))
 
     async def _open_rtp(self, uuid: str, leg_id: str, formats: dict, hold_s: float) -> int:
         session = self.processor.sessions[uuid]
@@ -195,18 +200,15 @@ class Worker:
             session = self.processor.sessions.get(result.uuid)
             progress = {} if session is None or not session.takes_pcm else \
                 {leg.leg_id: (leg.applied, leg.ahead) for leg in list(session.inputs.values())}
-            out.append((result.uuid, result.events, result.ended, progress))
-        self.channel.send(("results", out))
+            out.append(SessionResult(result.uuid, result.events, result.ended, progress))
+        self.channel.send(Results(out))
 
     async def _stats_loop(self) -> None:
         while True:
             await asyncio.sleep(STATS_EVERY_S)
             histogram = self.processor.lateness
-            self.channel.send(("stats", {
-                "lateness": (list(histogram.buckets), histogram.count, histogram.sum, histogram.max),
-                "errors": self.processor.errors, "dropped": self.processor.dropped_totals(),
-                "sessions": len(self.processor.sessions),
-            }))
+            self.channel.send(Stats((list(histogram.buckets), histogram.count, histogram.sum, histogram.max),
+                                    self.processor.errors, self.processor.dropped_totals(), len(self.processor.sessions)))
 
 
 def _close_spool(session: Session) -> None:

@@ -31,6 +31,7 @@ from mediaserver.sip.message import (
     salvage_request,
 )
 from mediaserver.sip.transport import Flow
+from mediaserver.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class UserAgentServer:
         self.dialogs: dict[tuple[str, str, str], Dialog] = {}
         self._transactions: dict[tuple, _Transaction] = {}
         self._clients: dict[str, list[asyncio.TimerHandle]] = {}  # branch of a request we sent -> its timers
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet("sip")
         self._closed = False
 
     # -- entry points ------------------------------------------------------------------
@@ -202,10 +203,7 @@ class UserAgentServer:
         for timers in self._clients.values():
             _cancel(timers)
         self._clients.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     # -- requests ----------------------------------------------------------------------
 
@@ -503,10 +501,7 @@ class UserAgentServer:
         return f"<sip:{user}@{host}:{port}{transport}>"
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro, name)
 
     def _send(self, flow: Flow, response: SipResponse) -> None:
         flow.send(bytes(response))

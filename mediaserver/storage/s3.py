@@ -56,7 +56,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, Inc
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from mediaserver.clock import Clock, SystemClock
-from mediaserver.config import Config
+from mediaserver.config import S3Settings
 from mediaserver.errors import StorageError
 from mediaserver.storage.base import ObjectInfo
 from mediaserver.storage.journal import Journal, PartRecord, UploadRecord
@@ -64,10 +64,8 @@ from mediaserver.storage.journal import Journal, PartRecord, UploadRecord
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-MIN_PART_SIZE = 5 * MiB  # S3: every part but the last is at least 5 MiB
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 READ_CHUNK = 1 * MiB
-RETRY_FOR_S = 24 * 3600.0
 # Error codes worth trying again; anything 5xx, 408 and 429 is too.
 TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
                              "ThrottlingException", "RequestLimitExceeded", "BadDigest", "OperationAborted"})
@@ -365,33 +363,30 @@ class S3Upload:
 class S3Storage:
     """Recordings in an S3 bucket (path-style addressing, SigV4), uploaded while they are made.
 
-    The `s3_*` settings of `config` say where; the journal lives in `data_dir/journal`;
-    orphans are looked for under the fixed start of `s3_key_template`. The keywords tune
-    retrying: `retry_for_s` is how long complete() keeps trying through an outage,
-    `backoff_s` the first and the longest delay between tries.
+    `settings` (checked with the rest of the configuration) say where, how large a part
+    is and how long complete() keeps trying through an outage; orphans are looked for under
+    the fixed start of the key template. The keywords tune the rest: `retry_for_s`
+    overrides the settings' (tests), `backoff_s` is the first and the longest delay between
+    tries.
     """
 
     name = "s3"
 
-    def __init__(self, config: Config, *, retry_for_s: float = RETRY_FOR_S,
+    def __init__(self, settings: S3Settings, *, retry_for_s: float | None = None,
                  backoff_s: tuple[float, float] = (1.0, 30.0), connect_timeout_s: float = 5.0,
                  read_timeout_s: float = 60.0, max_parts_in_flight: int = 4, clock: Clock | None = None) -> None:
-        if config.s3_part_size < MIN_PART_SIZE:
-            raise ValueError(f"S3 parts are at least {MIN_PART_SIZE} bytes, not {config.s3_part_size}")
-        if config.s3_sse not in ("none", "AES256"):
-            raise ValueError(f"unsupported S3 server-side encryption {config.s3_sse!r}")
-        self.endpoint = config.s3_endpoint
-        self.bucket = config.s3_bucket
-        self.region = config.s3_region
-        self.part_size = config.s3_part_size
-        self.prefix = key_prefix(config.s3_key_template)
-        self.retry_for_s = retry_for_s
+        self.endpoint = settings.endpoint
+        self.bucket = settings.bucket
+        self.region = settings.region
+        self.part_size = settings.part_size
+        self.prefix = key_prefix(settings.key_template)
+        self.retry_for_s = settings.retry_for_s if retry_for_s is None else retry_for_s
         self.backoff_s = backoff_s
         self.clock = clock or SystemClock()
-        self.journal = Journal(config.data_dir / "journal")
-        self.sse_params = {"ServerSideEncryption": "AES256"} if config.s3_sse == "AES256" else {}
+        self.journal = Journal(settings.journal_dir)
+        self.sse_params = {"ServerSideEncryption": "AES256"} if settings.sse == "AES256" else {}
         self.part_slots = asyncio.Semaphore(max_parts_in_flight)
-        self._credentials = (config.s3_access_key, config.s3_secret_key)
+        self._credentials = (settings.access_key, settings.secret_key)
         self._timeouts = (connect_timeout_s, read_timeout_s)
         self._stack = AsyncExitStack()
         self._client: Any = None

@@ -32,7 +32,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessi
 from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from mediaserver.errors import CodecError, ServiceError
+from mediaserver.errors import CodecError, Unavailable
 from mediaserver.media import SUPPORTED_RATES
 from mediaserver.webrtc import dtls, ice
 from mediaserver.webrtc.audio import FrameClock, mono_s16
@@ -232,8 +232,8 @@ class IngestPeer:
             await asyncio.wait([self._task])
 
 
-def _ended_while_answering() -> ServiceError:
-    return ServiceError(503, "whip.unavailable", "the leg was ended while its offer was being answered")
+def _ended_while_answering() -> Unavailable:
+    return Unavailable("whip.unavailable", "the leg was ended while its offer was being answered")
 
 
 def _accepted_capabilities():

@@ -4,8 +4,9 @@ A leg's peer is registered under its resource id from the moment it is created, 
 shutting down closes it even halfway through its answer. A peer leaves the registry
 exactly once, by whichever comes first: `end()` (the client's DELETE), `end_soon()` (a
 synchronous caller such as the end of the session), the peer itself reporting that its
-stream or connection is over, or `close()`. The closes started without an awaiting
-caller run as named tasks that `close()` waits for; `open_count` counts peer
+stream or connection is over, the event given to `end_on()` (the end of its session), or
+`close()`. The closes started without an awaiting caller run as named tasks that
+`close()` waits for; `open_count` counts peer
 connections not yet fully closed, which is what a leak check looks at.
 """
 
@@ -15,7 +16,8 @@ import asyncio
 import logging
 from typing import Hashable
 
-from mediaserver.errors import ServiceError
+from mediaserver.errors import Unavailable
+from mediaserver.tasks import TaskSet
 from mediaserver.webrtc.peer import CONNECT_TIMEOUT_S, AudioSink, IngestPeer
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,8 @@ class WhipService:
         self.connect_timeout_s = connect_timeout_s
         self._peers: dict[str, IngestPeer] = {}
         self._unclosed: set[IngestPeer] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet("whip")
+        self._watchers: dict[str, asyncio.Task] = {}  # resource id -> the task waiting for its end_on event
         self._closing = False
 
     async def start(self) -> None:
@@ -49,9 +52,10 @@ class WhipService:
         return self._peers.get(resource_id)
 
     async def open(self, resource_id: str, offer_sdp: str, sink: AudioSink, owner: Hashable) -> str:
-        """Answer an offer for a new leg; raises OfferError (and closes the peer) when it cannot."""
+        """Answer an offer for a new leg; raises OfferError (and closes the peer) when it cannot,
+        Unavailable once `close()` has begun."""
         if self._closing:
-            raise ServiceError(503, "whip.unavailable", "the server is shutting down")
+            raise Unavailable("whip.unavailable", "the server is shutting down")
         peer = IngestPeer(resource_id, sink, owner, addresses=self.addresses,
                           connect_timeout_s=self.connect_timeout_s, on_done=self._peer_done)
         self._peers[resource_id] = peer
@@ -74,9 +78,17 @@ class WhipService:
         """End a leg from synchronous code: the close runs as a task `close()` waits for."""
         peer = self._peers.pop(resource_id, None)
         if peer is not None:
-            task = asyncio.create_task(self._close(peer), name=f"whip-close-{resource_id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._close(peer), f"whip-close-{resource_id}")
+
+    def end_on(self, resource_id: str, over: asyncio.Event) -> None:
+        """End the leg once `over` is set, unless it has ended before."""
+        if resource_id in self._peers and resource_id not in self._watchers:
+            self._watchers[resource_id] = self._tasks.spawn(self._end_on(resource_id, over), f"whip-watch-{resource_id}")
+
+    async def _end_on(self, resource_id: str, over: asyncio.Event) -> None:
+        await over.wait()
+        self._watchers.pop(resource_id, None)
+        await self.end(resource_id)
 
     def _peer_done(self, peer: IngestPeer) -> None:
         if self._peers.get(peer.id) is peer:
@@ -89,11 +101,16 @@ class WhipService:
             log.exception("closing WHIP peer %s failed", peer.id)
         finally:
             self._unclosed.discard(peer)
+            watcher = self._watchers.pop(peer.id, None)
+            if watcher is not None and watcher is not asyncio.current_task():
+                watcher.cancel()
 
     async def close(self) -> None:
         """End every leg and wait for every close; safe to call again."""
         self._closing = True
         peers = list(self._peers)
         await asyncio.gather(*(self.end(resource_id) for resource_id in peers))
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        for watcher in list(self._watchers.values()):
+            watcher.cancel()
+        await self._tasks.wait()
+        await self._tasks.close()
