@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mediaserver.errors import CodecError, Unavailable
+from mediaserver.media import PcmFrame
 from mediaserver.webrtc import Offer, OfferError, WhipService
 from mediaserver.webrtc.audio import FrameClock, mono_s16
 from mediaserver.webrtc.ice import addresses_for
@@ -195,8 +196,8 @@ class Sink:
         self.done = asyncio.Event()
         self.dropped_counts: dict[str, int] = {}
 
-    def audio(self, samples: np.ndarray, rate: int) -> None:
-        self.samples += len(samples)
+    def audio(self, frame: PcmFrame) -> None:
+        self.samples += len(frame.samples)
 
     def gap(self, count: int, rate: int, packets: int) -> None:
         self.samples += count

@@ -45,10 +45,10 @@ class LegSink:
         self.live = leg.live
         self.created = created
 
-    def audio(self, samples: np.ndarray, rate: int) -> None:
+    def audio(self, frame: PcmFrame) -> None:
         self.leg.count_packets()
         if not self.live.ending:
-            self.leg.push(PcmFrame(samples, rate, None, self.leg.leg_id))
+            self.leg.push(frame)  # the peer's resource id is the leg's id
 
     def gap(self, count: int, rate: int, packets: int) -> None:
         self.leg.count_lost(packets)

@@ -27,13 +27,12 @@ from collections.abc import Callable
 from typing import Any, Hashable, Protocol
 
 import av
-import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from mediaserver.errors import CodecError, Unavailable
-from mediaserver.media import SUPPORTED_RATES
+from mediaserver.media import SUPPORTED_RATES, PcmFrame
 from mediaserver.webrtc import dtls, ice
 from mediaserver.webrtc.audio import FrameClock, mono_s16
 from mediaserver.webrtc.offer import ACCEPTED_CODECS, Offer, OfferError
@@ -48,8 +47,9 @@ ICE_FAILED, DTLS_FAILED, NO_MEDIA = "ice_failed", "dtls_failed", "no_media"
 class AudioSink(Protocol):
     """Where a leg's audio goes; called on the event loop."""
 
-    def audio(self, samples: np.ndarray, rate: int) -> None:
-        """One received frame: mono int16 that follows what came before."""
+    def audio(self, frame: PcmFrame) -> None:
+        """One received frame of the leg (`frame.leg` is the peer's resource id): mono int16
+        that follows what came before (`pts` None)."""
 
     def gap(self, count: int, rate: int, packets: int) -> None:
         """`count` samples lost (about `packets` packets) before the next frame: silence."""
@@ -164,7 +164,7 @@ class IngestPeer:
             packets = max(round(gap / len(samples)), 1) if len(samples) else 1
             self.lost += packets
             self._sink.gap(gap, frame.sample_rate, packets)
-        self._sink.audio(samples, frame.sample_rate)
+        self._sink.audio(PcmFrame(samples, frame.sample_rate, None, self.id))
         self.frames += 1
 
     def stats(self) -> dict[str, Any]:
