@@ -67,7 +67,7 @@ async def _refuse(socket: StreamSocket, engine: Engine, exc: WsProtocolError) ->
 async def throttle(engine: Engine, live: LiveSession, legs: list[Leg]) -> None:
     """Wait while any of `legs` (one socket's) is far ahead of what the engine has mixed.
 
-    The session is hurried (processed at once, not at its turn) and the wait ends as soon
+    The session is expedited (processed at once, not at its turn) and the wait ends as soon
     as a turn of it has been reported. While a turn mixes more than the time it took, the
     next follows at once, so a stream faster than real time is mixed as fast as the
     processing goes, whatever its message size; when the clock holds the mix (another leg

@@ -80,7 +80,7 @@ class LiveSession:
     ending: bool = False
     idle_since: float | None = None  # monotonic time since when it has had no live leg or recording
     progressed: asyncio.Event = field(default_factory=asyncio.Event)  # set when a turn of it is reported
-    hurried: bool = False  # asked to be processed now, and no turn reported since
+    expedited: bool = False  # asked to be processed now, and no turn reported since
     over: asyncio.Event = field(default_factory=asyncio.Event)  # set once the engine has ended it: its owners let go
 
 
@@ -267,14 +267,14 @@ class Engine:
         """Have the session processed now, not at its turn, and wait (at most `timeout`)
         until a turn of it has been reported, which moves its legs' backlog."""
         live.progressed.clear()
-        if not live.hurried:  # one request per turn, however many sockets of it wait
-            live.hurried = True
+        if not live.expedited:  # one request per turn, however many sockets of it wait
+            live.expedited = True
             live.session.expedite()
         try:
             async with asyncio.timeout(timeout):
                 await live.progressed.wait()
         except TimeoutError:
-            live.hurried = False  # no turn came of it: ask again next time
+            live.expedited = False  # no turn came of it: ask again next time
 
     async def end_session(self, uuid: str) -> None:
         """Hang up: legs end, the recording finishes with `hangup` and is stored."""
@@ -322,7 +322,7 @@ class Engine:
             if live is None:
                 continue
             live.progressed.set()
-            live.hurried = False
+            live.expedited = False
             self._handle(live, result.events)
             if result.ended:
                 self._session_ended(live)

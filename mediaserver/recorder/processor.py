@@ -99,7 +99,7 @@ class Processor:
         self._on_results = on_results
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()  # a hurried session waits: run the turns without waiting for the tick
+        self._wake = asyncio.Event()  # an expedited session waits: run the turns without waiting for the tick
 
     def add(self, session: Session) -> None:
         # Sessions take turns: each is processed every process_ms, spread over the ticks.
@@ -128,7 +128,7 @@ class Processor:
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
-        """Turns every tick, and in between as soon as a session is hurried: a stream faster
+        """Turns every tick, and in between as soon as a session is expedited: a stream faster
         than real time is then mixed as fast as the processing thread goes, not a tick's worth
         at a time."""
         loop = asyncio.get_running_loop()
@@ -154,7 +154,7 @@ class Processor:
             await self._pause(due - loop.time())
 
     async def _pause(self, delay: float) -> None:
-        """Until the next tick, or until a session is hurried."""
+        """Until the next tick, or until a session is expedited."""
         if delay <= 0 or self._wake.is_set():
             await asyncio.sleep(0)
             return
@@ -173,13 +173,13 @@ class Processor:
         results = []
         period = self.settings.process_ms / 1000
         for session in list(self.sessions.values()):
-            hurried = session.expedited
-            if now < session.next_process and not session.ended and not hurried and not session.hangup_posted:
+            expedited = session.expedited
+            if now < session.next_process and not session.ended and not expedited and not session.hangup_posted:
                 continue
             session.expedited = False
             if now >= session.next_process:
-                # A hurried turn leaves the schedule alone: were it to count as a regular
-                # turn, a fast stream's many hurried turns would push the next regular one
+                # An expedited turn leaves the schedule alone: were it to count as a regular
+                # turn, a fast stream's many expedited turns would push the next regular one
                 # far into the future, and a command posted after the stream would wait for it.
                 # A turn that comes late (a stall) moves the next one by whole periods, which
                 # keeps the session's place in the spread: were every overdue session due at
@@ -193,8 +193,8 @@ class Processor:
                 self.errors += 1
                 events = contain(session, exc)
             ended = session.ended and not session.inbox
-            # A hurried turn is always reported: the ingest that hurried it waits to hear.
-            if events or ended or hurried or (self.report_progress and session.takes_pcm):
+            # An expedited turn is always reported: the ingest that asked for it waits to hear.
+            if events or ended or expedited or (self.report_progress and session.takes_pcm):
                 results.append(Result(session.uuid, events, ended))
         return results
 
