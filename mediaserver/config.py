@@ -156,6 +156,7 @@ class Config:
     webhook_max_age_h: float = 24.0
     session_idle_s: float = 3600.0  # a session with no live leg and no recording ends after this
     max_calls: int = 0  # live sessions beyond which new ones are refused (503); 0: no fixed limit
+    twilio_start_timeout_s: float = 10.0  # a Twilio stream without credentials in its request waits this long for its start
     overload_lateness_ms: float = 200.0  # processing ticks this late (over 1 % of them) refuse new calls
     overload_hold_s: float = 10.0  # and keep refusing this long after
     tick_ms: int = 20
@@ -339,7 +340,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"setting {name} must be an http(s) URL, not {url!r}")
     _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h",
                        "sip_answer_delay_ms", "s3_retry_for_s", "max_calls", "overload_hold_s"), allow_zero=True)
-    _positive(config, ("overload_lateness_ms",))
+    _positive(config, ("overload_lateness_ms", "twilio_start_timeout_s"))
     _positive(config, ("tick_ms", "process_ms", "jitter_ms", "wav_buffer_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s", "session_idle_s"))
     if not 0 <= config.mp3_quality <= 9:
         raise ConfigError("setting mp3_quality must be 0 (best) .. 9 (fastest)")

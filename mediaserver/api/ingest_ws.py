@@ -9,7 +9,7 @@ A Twilio stream authenticates by API headers, by `?session=&token=` in the URL, 
 Twilio drops a `<Stream url>`'s query string, by the `token` (and `session`) passed as
 `<Parameter>`s, which arrive in the start message's `customParameters`. Such a stream is
 kept in nothing (no session, no leg) until its start message has been checked; a missing
-or wrong token, or no start within `calls.streams.START_TIMEOUT_S`, closes it with 1008
+or wrong token, or no start within `twilio_start_timeout_s`, closes it with 1008
 and a reason.
 """
 
@@ -126,7 +126,8 @@ async def twilio_stream(request: web.Request) -> web.StreamResponse:
         session_for_ingest(engine, caller.id, uuid, "twilio")  # checks ownership before upgrading
     ws = await _prepare(request)
     # Without credentials in the request, the start message's customParameters must carry them.
-    stream = TwilioStream(engine, caller.id if caller else None, uuid, _start_credentials(app[CONFIG], app[CLOCK], uuid))
+    stream = TwilioStream(engine, caller.id if caller else None, uuid, _start_credentials(app[CONFIG], app[CLOCK], uuid),
+                          app[CONFIG].twilio_start_timeout_s)
     try:
         await stream.run(_Socket(ws))
     finally:

@@ -10,8 +10,8 @@ not grow with it. Each message that carries audio counts as one of its leg's `pa
 A loop reads a `StreamSocket`, which the HTTP layer implements over its WebSocket: the
 loops know nothing of HTTP. A Twilio stream not authenticated by its request is kept in
 nothing (no session, no leg) until its start message's `customParameters` have been
-checked by the `Authenticator` it was given; a refusal, or no start within
-`START_TIMEOUT_S`, closes it with 1008 and a reason.
+checked by the `Authenticator` it was given; a refusal, or no start within its
+`start_timeout_s` (the `twilio_start_timeout_s` setting), closes it with 1008 and a reason.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from mediaserver.ws import twilio, wavstream
 BACKLOG_LIMIT_S = 2.0  # how far a fast stream may run ahead of the mix
 THROTTLE_MAX_S = 60.0  # a stream whose mix does not move is read on after this long
 MAX_FRAME_BYTES = 64 * 1024
-START_TIMEOUT_S = 10.0  # how long a Twilio stream not yet authenticated may wait for its start
 TOKEN_PARAMETER, SESSION_PARAMETER = "token", "session"  # <Parameter> names in customParameters
 NORMAL_CLOSURE = 1000  # RFC 6455 §7.4.1: the purpose of the connection has been fulfilled
 
@@ -151,10 +150,13 @@ async def _read_wavstream(socket: StreamSocket, engine: Engine, live: LiveSessio
 class TwilioStream:
     """One Twilio Media Stream: a session (given or made at `start`), a leg per track."""
 
-    def __init__(self, engine: Engine, app_id: str | None, uuid: str | None, authenticate: Authenticator) -> None:
+    def __init__(self, engine: Engine, app_id: str | None, uuid: str | None, authenticate: Authenticator,
+                 start_timeout_s: float) -> None:
         """`app_id` None: the stream is not authenticated yet, and its start message's
-        customParameters must carry credentials (checked by `authenticate`)."""
+        customParameters must carry credentials (checked by `authenticate`) within
+        `start_timeout_s`."""
         self.engine = engine
+        self.start_timeout_s = start_timeout_s
         self.app_id = app_id
         self.uuid = uuid
         self.authenticate = authenticate
@@ -165,10 +167,11 @@ class TwilioStream:
 
     async def run(self, socket: StreamSocket) -> None:
         try:
-            async with asyncio.timeout(None if self.app_id else START_TIMEOUT_S) as deadline:
+            async with asyncio.timeout(None if self.app_id else self.start_timeout_s) as deadline:
                 await self._read(socket, deadline)
         except TimeoutError:
-            await socket.close(int(CloseCode.POLICY_VIOLATION), f"no authenticated start message within {START_TIMEOUT_S:.0f} s")
+            await socket.close(int(CloseCode.POLICY_VIOLATION),
+                               f"no authenticated start message within {self.start_timeout_s:g} s")
 
     async def _read(self, socket: StreamSocket, deadline: asyncio.Timeout) -> None:
         parser = twilio.TwilioParser(max_frame_bytes=MAX_FRAME_BYTES)
