@@ -31,9 +31,26 @@ async def stream_then_crash(server: ServerProcess, fmt: str, seconds: float) -> 
             for start in range(0, len(audio), 160):  # real time: 20 ms every 20 ms
                 await ws.send_bytes(audio[start:start + 160].astype("<i2").tobytes())
                 await asyncio.sleep(0.02)
-            await asyncio.sleep(1.5)  # encoded and spooled (WAV keeps up to 1 s in memory)
+            # What the server has spooled, it says so beside the spool (the legs' checkpoint):
+            # wait for that, not for a guess at how long a busy machine takes.
+            await _spooled_until(server, rid, seconds - 0.1)
             server.kill()
     return rid
+
+
+async def _spooled_until(server: ServerProcess, rid: str, seconds: float) -> None:
+    """Until the recording's legs checkpoint says its audio has reached `seconds` (60 s at most)."""
+    spool_dir = server.data_dir / "spool"
+    for _ in range(600):
+        for checkpoint in spool_dir.glob(f"{rid}.*.legs.json"):
+            try:
+                legs = json.loads(checkpoint.read_text())
+            except (OSError, ValueError):  # replaced while read
+                continue
+            if max((leg.get("last_ms") or 0 for leg in legs), default=0) >= seconds * 1000:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the server never spooled {seconds} s of {rid}")
 
 
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "opus"])
@@ -91,7 +108,7 @@ async def test_a_crash_keeps_the_leg_stats_and_announces_the_sessions_it_ended(t
 
                     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                         await asyncio.gather(caller(), send_async([(plan, ("127.0.0.1", port))], sock))
-                    await asyncio.sleep(1.5)  # spooled and checkpointed
+                    await _spooled_until(server, rid, 2.9)  # spooled and checkpointed
                     server.kill()
             server.start()
             async with aiohttp.ClientSession(server.base_url, headers=HEADERS) as http:
