@@ -33,12 +33,6 @@ class TaskSet:
         self._tasks: set[asyncio.Task] = set()
         self.closed = False
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def __iter__(self):
-        return iter(list(self._tasks))
-
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
         if self.closed:
             coro.close()

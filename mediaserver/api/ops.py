@@ -76,7 +76,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"mediaserver_webhook_backlog {catalog.outbox_backlog()}",
         "# HELP mediaserver_admission_open 1 while new calls are taken, 0 while they are refused (full or overloaded).",
         "# TYPE mediaserver_admission_open gauge",
-        f"mediaserver_admission_open {int(engine.admission.state(len(engine.sessions))['state'] == 'open')}",
+        f"mediaserver_admission_open {int(engine.admission.closed_by(len(engine.sessions)) is None)}",
         "# HELP mediaserver_calls_refused_total New calls refused past capacity, by reason.",
         "# TYPE mediaserver_calls_refused_total counter",
     ]

@@ -63,11 +63,18 @@ class Admission:
     def overloaded(self) -> bool:
         return self.clock.monotonic() < self._overloaded_until
 
-    def check(self, calls: int) -> None:
-        """Raise `Unavailable` when a new call must be refused; `calls`: the live ones."""
+    def closed_by(self, calls: int) -> str | None:
+        """Why a new call would be refused now ("full", "overloaded"), or None; `calls`: the live ones."""
         if self.settings.max_calls and calls >= self.settings.max_calls:
+            return "full"
+        return "overloaded" if self.overloaded else None
+
+    def check(self, calls: int) -> None:
+        """Raise `Unavailable` when a new call must be refused."""
+        reason = self.closed_by(calls)
+        if reason == "full":
             self._refuse("server.full", f"the server holds its maximum of {self.settings.max_calls} calls", 5)
-        if self.overloaded:
+        elif reason == "overloaded":
             remaining = max(1, math.ceil(self._overloaded_until - self.clock.monotonic()))
             self._refuse("server.overloaded", "the server's processing is behind; it takes no new call for now", remaining)
 
@@ -77,12 +84,5 @@ class Admission:
 
     def state(self, calls: int) -> dict[str, Any]:
         """What `/healthz` shows: "open", "full" or "overloaded", with what it is judged on."""
-        if self.settings.max_calls and calls >= self.settings.max_calls:
-            state = "full"
-        elif self.overloaded:
-            state = "overloaded"
-        else:
-            state = "open"
-        return {"state": state, "calls": calls, "max_calls": self.settings.max_calls or None,
+        return {"state": self.closed_by(calls) or "open", "calls": calls, "max_calls": self.settings.max_calls or None,
                 "late_tick_share": round(self.late_share, 4)}
-

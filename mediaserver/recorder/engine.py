@@ -183,7 +183,7 @@ class Engine:
 
     def open_leg(self, live: LiveSession, role: str, kind: str) -> Leg:
         """A new leg of `live` and the handle its call talks to it through."""
-        return Leg(self, live, self.add_leg(live, role, kind), role, kind)
+        return Leg(self, live, self.add_leg(live, role, kind), role)
 
     def post_pcm(self, live: LiveSession, frame: PcmFrame, at_mono: float | None = None) -> None:
         """A leg's audio (`frame.leg`) that arrived at `at_mono` (now by default): the channels

@@ -22,14 +22,13 @@ if TYPE_CHECKING:
 class Leg:
     """One leg of a live session: `push` its audio, `end` it."""
 
-    __slots__ = ("_engine", "live", "leg_id", "role", "kind")
+    __slots__ = ("_engine", "live", "leg_id", "role")
 
-    def __init__(self, engine: Engine, live: LiveSession, leg_id: str, role: str, kind: str) -> None:
+    def __init__(self, engine: Engine, live: LiveSession, leg_id: str, role: str) -> None:
         self._engine = engine
         self.live = live
         self.leg_id = leg_id
         self.role = role
-        self.kind = kind  # "rtp", "webrtc", "websocket", "twilio"
 
     def push(self, frame: PcmFrame, at_mono: float | None = None) -> None:
         """Audio of this leg that arrived at `at_mono` (now by default). The channels of one
@@ -58,10 +57,6 @@ class Leg:
     def end(self) -> None:
         """The leg is over; idempotent."""
         self._engine.end_leg(self.live, self.leg_id)
-
-    @property
-    def ended(self) -> bool:
-        return self.leg_id in self.live.ended_legs
 
     @property
     def backlog_s(self) -> float:
