@@ -87,6 +87,23 @@ def test_out_of_order_frame_fills_its_gap_only():
     assert mixer.legs["a"].stats.overlap_samples == 80
 
 
+def test_a_frame_moved_back_past_the_newest_is_overlapped_by_none_after_it():
+    """A mapping moved back puts a frame partly over the newest one: what it adds past
+    the newest counts as delivered, so the frame after it does not land on it too."""
+    mixer = Mixer(8000)
+    mixer.add_leg("a", "caller", 0)
+    mixer.push(frame(1, 160, 0, "a"))
+    mixer.push(frame(2, 160, 100, "a"))  # 100..160 overlaps; 160..260 is new
+    mixer.push(frame(3, 160, 200, "a"))  # 200..260 is taken by the frame before
+    assert mixer.legs["a"].write_pos == 360
+    block = mixer.read(360)
+    leg = block.legs[0]
+    assert (leg.samples[:160] == 1).all() and (leg.samples[160:260] == 2).all() and (leg.samples[260:] == 3).all()
+    assert sum(hi - lo for lo, hi in leg.spans) == 360
+    assert mixer.legs["a"].stats.samples == 360
+    assert mixer.legs["a"].stats.overlap_samples == 60 + 60
+
+
 def test_a_leg_that_joined_but_sent_nothing_holds_a_fast_stream_back():
     mixer = Mixer(8000)
     mixer.add_leg("a", "caller", 0)

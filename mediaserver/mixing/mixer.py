@@ -114,6 +114,8 @@ class LegBuffer:
             return
         self._accept(samples[lo - pts:hi - pts], lo)
         self._chunks.insert(index, (lo, samples[lo - pts:hi - pts]))
+        # Past the newest chunk it delivers, so what comes next must not land on it.
+        self.write_pos = max(self.write_pos, hi)
 
     def end(self, at: int) -> None:
         if not self.ended:
