@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := ffmpeg sox libsox-fmt-all espeak-ng sip-tester baresip chromium multimon-ng lame stress-ng \
+  postgresql kamailio \
   python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 gir1.2-nice-0.1 \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -18,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian tools the tests drive (SIPp, baresip, ffmpeg/ffprobe, sox, espeak-ng, Chromium, and
+# Debian tools the tests drive (SIPp, baresip, ffmpeg/ffprobe, sox, espeak-ng, Chromium,
+# PostgreSQL and Kamailio for cluster mode, and
 # GStreamer's webrtcbin as a WHIP client, run by the system Python through python3-gi).
 debian-deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \

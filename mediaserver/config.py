@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,18 @@ class EngineSettings:
     retention_hours: float
     sweep_every_s: float
     admission: AdmissionSettings
+    node: NodeSettings
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """This node among the others of a cluster (alone when `clustered` is False)."""
+
+    node_id: str
+    node_url: str  # where the other nodes reach this node's API
+    clustered: bool
+    checkpoint_s: float
+    timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +137,12 @@ class Config:
     data_dir: Path = Path("./data")
     public_url: str = ""
     storage: str = "local"
+    catalog: str = "sqlite"  # sqlite (one node, in data_dir) or postgres (a cluster of nodes)
+    postgres_dsn: str = ""  # postgresql://user:password@host:port/database, when catalog = postgres
+    node_id: str = ""  # this node's name in the cluster; the host name when empty
+    node_url: str = ""  # how the other nodes reach this node's API; public_url (or http_host:http_port) when empty
+    checkpoint_s: float = 5.0  # a clustered node copies the tail of each recording to S3 this often
+    node_timeout_s: float = 10.0  # a node silent this long is taken for dead and its recordings settled by another
     s3_endpoint: str = ""
     s3_bucket: str = ""
     s3_region: str = "us-east-1"
@@ -206,7 +225,12 @@ class Config:
                               self.command_cooldown_s, self.recording_defaults(), self.data_dir / "spool",
                               self.s3_key_template, encoders, self.base_url, self.recording_base_url,
                               self.recording_retention_hours, self.retention_sweep_s,
-                              AdmissionSettings(self.max_calls, self.overload_lateness_ms, self.overload_hold_s))
+                              AdmissionSettings(self.max_calls, self.overload_lateness_ms, self.overload_hold_s),
+                              self.node())
+
+    def node(self) -> NodeSettings:
+        return NodeSettings(self.node_id or socket.gethostname(), (self.node_url or self.base_url).rstrip("/"),
+                            self.catalog == "postgres", self.checkpoint_s, self.node_timeout_s)
 
     def s3(self) -> S3Settings:
         return S3Settings(self.s3_endpoint, self.s3_bucket, self.s3_region, self.s3_access_key, self.s3_secret_key,
@@ -325,6 +349,9 @@ def validate(config: Config) -> None:
     if config.rtp_port_min > config.rtp_port_max or config.rtp_port_min < 1024 and config.rtp_port_min != 0:
         raise ConfigError("settings rtp_port_min..rtp_port_max must be an increasing range above 1023")
     _one_of(config, "storage", ("local", "s3"))
+    _one_of(config, "catalog", ("sqlite", "postgres"))
+    if config.catalog == "postgres":
+        _check_cluster(config)
     _one_of(config, "record_policy", ("api", "all"))
     _one_of(config, "s3_sse", ("none", "AES256"))
     _one_of(config, "log_level", ("debug", "info", "warning", "error"))
@@ -340,7 +367,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"setting {name} must be an http(s) URL, not {url!r}")
     _positive(config, ("command_cooldown_s", "recording_retention_hours", "webhook_timeout_s", "webhook_max_age_h",
                        "sip_answer_delay_ms", "s3_retry_for_s", "max_calls", "overload_hold_s"), allow_zero=True)
-    _positive(config, ("overload_lateness_ms", "twilio_start_timeout_s"))
+    _positive(config, ("overload_lateness_ms", "twilio_start_timeout_s", "checkpoint_s", "node_timeout_s"))
     _positive(config, ("tick_ms", "process_ms", "jitter_ms", "wav_buffer_ms", "max_body_bytes", "ingest_token_ttl_s", "workers", "retention_sweep_s", "session_idle_s"))
     if not 0 <= config.mp3_quality <= 9:
         raise ConfigError("setting mp3_quality must be 0 (best) .. 9 (fastest)")
@@ -349,6 +376,21 @@ def validate(config: Config) -> None:
     if len({app.id for app in config.apps}) != len(config.apps):
         raise ConfigError("setting apps has two apps with the same id")
     config.recording_defaults()
+
+
+def _check_cluster(config: Config) -> None:
+    """What every node of a cluster must share: the catalog, the audio, the keys."""
+    dsn = urlsplit(config.postgres_dsn)
+    if dsn.scheme not in ("postgres", "postgresql") or not (dsn.hostname or "host=" in dsn.query):
+        raise ConfigError("setting postgres_dsn must be a postgresql://user@host:port/database URL when catalog = postgres")
+    if config.storage != "s3":
+        raise ConfigError("catalog = postgres needs storage = s3: every node must reach every recording")
+    if not config.secret_key:
+        raise ConfigError("catalog = postgres needs secret_key: the nodes must sign and check the same tokens and URLs")
+    if not config.apps:
+        raise ConfigError("catalog = postgres needs apps: every node must know the same apps and keys")
+    if config.node_url and (urlsplit(config.node_url).scheme not in ("http", "https") or not urlsplit(config.node_url).netloc):
+        raise ConfigError(f"setting node_url must be an http(s) URL, not {config.node_url!r}")
 
 
 def _one_of(config: Config, name: str, allowed: tuple[str, ...]) -> None:

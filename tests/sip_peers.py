@@ -48,17 +48,20 @@ class SippResult:
     seconds: float
 
 
-async def run_sipp(server: Server, scenario_file: Path, cwd: Path, *, transport: str = "u1", calls: int = 1,
+async def run_sipp(server: Server | None, scenario_file: Path, cwd: Path, *, transport: str = "u1", calls: int = 1,
                    rate: int | None = None, sets: dict[str, object] | None = None, service: str = "app1",
-                   timeout_s: int = 40) -> SippResult:
-    """Run SIPp against the server's SIP port; returns when SIPp exits by itself."""
+                   timeout_s: int = 40, target: str | None = None, extra: tuple[str, ...] = ()) -> SippResult:
+    """Run SIPp against the server's SIP port (or `target`, host:port, such as a proxy in
+    front of servers) with `extra` options; returns when SIPp exits by itself."""
     kind = socket.SOCK_STREAM if transport.startswith("t") else socket.SOCK_DGRAM
-    args = ["sipp", f"127.0.0.1:{server.app[SERVICES]['sip'].port}", "-sf", str(scenario_file), "-s", service,
+    target = target or f"127.0.0.1:{server.app[SERVICES]['sip'].port}"
+    args = ["sipp", target, "-sf", str(scenario_file), "-s", service,
             "-t", transport, "-i", "127.0.0.1", "-p", str(free_port(kind)), "-mi", "127.0.0.1",
             "-mp", str(free_port(socket.SOCK_DGRAM) & ~1), "-m", str(calls), "-l", str(calls), "-r", str(rate or calls),
             "-rp", "1000", "-nostdin", "-timeout", f"{timeout_s}s", "-timeout_error", "-trace_err"]
     for name, value in (sets or {}).items():
         args += ["-set", name, str(value)]
+    args += extra
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*args, cwd=cwd, stdin=subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -99,7 +102,7 @@ async def leg_stats(server: Server, session_uuid: str, timeout: float = 5.0) -> 
     reanchored, realigned, slipped_ms, ...), once the legs' sockets have closed."""
     deadline = time.monotonic() + timeout
     while True:
-        legs = server.app[CATALOG].legs(session_uuid)
+        legs = await server.app[CATALOG].legs(session_uuid)
         if legs and all(leg["stats"] for leg in legs):
             return [dict(leg["stats"], leg_id=leg["leg_id"]) for leg in legs]
         assert time.monotonic() < deadline, f"the legs of {session_uuid} kept no statistics: {legs}"

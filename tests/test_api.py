@@ -283,13 +283,13 @@ async def test_download_is_202_while_pending_then_302_to_a_ranged_file(server):
 
 async def test_expired_link_is_refused(server):
     rec = await recorded(server)
-    url = await server.app[STORAGE].presign(rec_key(server, rec), -1, "x.wav", "audio/wav")
+    url = await server.app[STORAGE].presign(await rec_key(server, rec), -1, "x.wav", "audio/wav")
     async with aiohttp.ClientSession() as http, http.get(url) as response:
         assert response.status == 403
 
 
-def rec_key(server, rec) -> str:
-    return server.engine.catalog.recording(rec["recording_id"])["storage_key"]
+async def rec_key(server, rec) -> str:
+    return (await server.engine.catalog.recording(rec["recording_id"]))["storage_key"]
 
 
 async def test_delete_recording_then_410(server):

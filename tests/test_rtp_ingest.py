@@ -189,7 +189,7 @@ async def test_impaired_streams_are_recorded_whole_and_aligned(tmp_path, sock):
         timelines = {role: leg.receiver.timeline for role, leg in stats.items()}
         await server.api("DELETE", f"/api/v1/sessions/{uuid}")  # the call ends with what was sent
         meta, audio = await recorded(server, started["recording_id"])
-        kept = {leg["role"]: leg["stats"] for leg in server.app[CATALOG].legs(uuid)}
+        kept = {leg["role"]: leg["stats"] for leg in await server.app[CATALOG].legs(uuid)}
     lost = detectable_losses(harsh.log["lost"], [0, 200, 250, 300])  # restarts at 4 s and 5 s
     by_role = {leg["role"]: leg for leg in meta["legs"]}
     assert by_role["caller"]["lost"] == 0 and by_role["callee"]["lost"] == lost

@@ -84,7 +84,7 @@ async def test_a_recording_longer_than_three_parts_streams_them_and_is_exact(tmp
             await http.close()
         await server.api("DELETE", f"/api/v1/sessions/{session['uuid']}")
         meta = await server.wait_recording(rid, timeout=60)
-        key = server.engine.catalog.recording(rid)["storage_key"]
+        key = (await server.engine.catalog.recording(rid))["storage_key"]
         body = await server.download(rid)
     info = head(s3_server, s3_bucket, key)
     assert info["ETag"].strip('"').endswith("-4")
@@ -178,7 +178,7 @@ async def test_s3_killed_for_ten_seconds_while_parts_upload_loses_nothing(tmp_pa
             await http.close()
         await server.api("DELETE", f"/api/v1/sessions/{session['uuid']}")
         meta = await server.wait_recording(rid, timeout=120)
-        key = server.engine.catalog.recording(rid)["storage_key"]
+        key = (await server.engine.catalog.recording(rid))["storage_key"]
         body = await server.download(rid)
     print(f"[measure] {len(failures)} failed part uploads in a {up_at - down_at:.1f} s outage; "
           f"{before} parts before it, {during} once S3 was back, {len(body)} bytes stored")
@@ -309,7 +309,7 @@ async def test_presigned_urls_expire_and_refuse_tampering_and_deleted_is_410(tmp
         status, _, response = await server.api("GET", f"/api/v1/recordings/{rid}/download")
         url = response.headers["Location"]
         assert url.startswith(s3_server.endpoint)
-        key = server.engine.catalog.recording(rid)["storage_key"]
+        key = (await server.engine.catalog.recording(rid))["storage_key"]
         short = await server.app[STORAGE].presign(key, 1, "x.mp3", "audio/mpeg")
         async with aiohttp.ClientSession() as http:
             async with http.get(url, headers={"Range": "bytes=0-9"}) as part:

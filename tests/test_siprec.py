@@ -90,7 +90,7 @@ async def test_siprec_session_is_one_dual_channel_recording(tmp_path):
         assert result.returncode == 0, result.output
         [recording] = await recordings(server)
         [session] = (await server.api("GET", "/api/v1/sessions"))[1]["data"]
-        legs = server.app[CATALOG].legs(session["uuid"])
+        legs = await server.app[CATALOG].legs(session["uuid"])
     assert session["source"] == "siprec"
     assert session["metadata"]["siprec"]["participants"] == [
         {"role": "caller", "aor": "sip:alice@example.com", "name": "Alice"},

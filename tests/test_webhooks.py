@@ -68,7 +68,7 @@ async def test_undelivered_events_survive_a_restart_and_keep_their_id(tmp_path):
     async with Server(tmp_path, webhook_url=url) as server:
         await run_call(server)
         await asyncio.sleep(0.5)  # the receiver is down: attempts fail
-        pending = [row for row in server.engine.catalog.outbox_items() if row["delivered_at"] is None]
+        pending = [row for row in (await server.engine.catalog.outbox_items()) if row["delivered_at"] is None]
         assert pending and all(row["attempts"] >= 1 for row in pending if row["kind"] == "session.started")
         ids = {row["event_id"] for row in pending}
     # The receiver comes up on that port; the server restarts on the same data.
@@ -78,7 +78,7 @@ async def test_undelivered_events_survive_a_restart_and_keep_their_id(tmp_path):
                 break
             await asyncio.sleep(0.05)
         assert ids <= {e["event_id"] for e in receiver.events}
-        assert server.engine.catalog.outbox_backlog() == 0
+        assert (await server.engine.catalog.outbox_backlog()) == 0
 
 
 async def test_retries_back_off_then_deliver(tmp_path):
@@ -86,7 +86,7 @@ async def test_retries_back_off_then_deliver(tmp_path):
         await server.create_session()
         started = (await rx.wait_for("session.started", timeout=15))[0]
         assert rx.attempts[started["event_id"]] == 3
-        row = next(r for r in server.engine.catalog.outbox_items() if r["event_id"] == started["event_id"])
+        row = next(r for r in (await server.engine.catalog.outbox_items()) if r["event_id"] == started["event_id"])
         assert row["attempts"] == 3 and row["delivered_at"] is not None
         assert row["delivered_at"] - row["created_at"] >= 1.0  # two backoffs: ≥ 0.5 s + ≥ 1 s
 
@@ -96,12 +96,12 @@ async def test_events_older_than_the_maximum_age_are_abandoned(tmp_path):
     async with Server(tmp_path, webhook_url=url, webhook_max_age_h=0.0002) as server:
         await server.create_session()
         for _ in range(100):
-            rows = server.engine.catalog.outbox_items()
+            rows = (await server.engine.catalog.outbox_items())
             if rows and all(row["abandoned_at"] for row in rows):
                 break
             await asyncio.sleep(0.1)
         assert rows and all(row["abandoned_at"] for row in rows)
-        assert server.engine.catalog.outbox_backlog() == 0
+        assert (await server.engine.catalog.outbox_backlog()) == 0
 
 
 async def test_action_url_gets_record_verb_fields(tmp_path):

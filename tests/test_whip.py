@@ -196,7 +196,7 @@ async def test_a_client_that_goes_away_ends_its_leg(server, voice):
     await wait_for(lambda: service.open_count == 0, what="the leg to end")
     status, session, _ = await server.api("GET", f"/api/v1/sessions/{uuid}")
     assert session["legs"][0]["ended_at"] is not None and session["state"] == "active"
-    (leg,) = server.engine.catalog.legs(uuid)
+    (leg,) = (await server.engine.catalog.legs(uuid))
     assert leg["stats"]["frames"] > 10 and leg["stats"]["connection"] in ("connected", "closed", "failed")
     assert not whip_tasks()
 
@@ -252,7 +252,7 @@ async def test_offers_are_refused_with_the_right_status_and_leak_nothing(server,
     status, session, _ = await server.api("GET", f"/api/v1/sessions/{uuid}")
     assert all(leg["ended_at"] is not None for leg in session["legs"])
     assert server.engine.sessions[uuid].ended_legs == set(server.engine.sessions[uuid].legs)
-    assert set(server.engine.sessions) == {uuid, other} and server.engine.catalog.session(fresh) is None, \
+    assert set(server.engine.sessions) == {uuid, other} and (await server.engine.catalog.session(fresh)) is None, \
         "a refused offer must not create a session"
 
 

@@ -114,9 +114,18 @@ def make_storage(config: Config, clock):
     return LocalStorage(config.data_dir, config.secret_key, config.base_url, clock)
 
 
+def make_catalog(config: Config) -> Catalog:
+    """The catalog the config asks for: a SQLite file in data_dir, or a cluster's PostgreSQL."""
+    if config.catalog == "postgres":
+        from mediaserver.catalog.postgres import PostgresCatalog
+
+        return PostgresCatalog(config.postgres_dsn, config.node().node_id)
+    return Catalog(config.data_dir / "catalog.sqlite3")
+
+
 async def _components(app: web.Application) -> AsyncIterator[None]:
     config, clock = app[CONFIG], app[CLOCK]
-    catalog = app[CATALOG] = Catalog(config.data_dir / "catalog.sqlite3")
+    catalog = app[CATALOG] = make_catalog(config)
     storage = app[STORAGE] = make_storage(config, clock)
     apps = {a.id: a for a in config.apps}
     outbox = app[OUTBOX] = Outbox(catalog, apps, clock)
@@ -124,6 +133,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
                            max_age_s=config.webhook_max_age_h * 3600, wakeup=outbox.wakeup)
     engine = app[ENGINE] = Engine(config.engine(), catalog, storage, outbox, clock)
     try:
+        await catalog.start()
         await storage.start()
         sender.start()
         await engine.start()
@@ -134,7 +144,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await engine.close()
         await sender.close()
         await storage.close()
-        catalog.close()
+        await catalog.close()
 
 
 async def _start_services(app: web.Application) -> None:

@@ -104,7 +104,7 @@ async def wavstream_leg(request: web.Request) -> web.StreamResponse:
     if not ROLE.match(role):
         raise Invalid("legs.invalid_role", "role must be 1-64 letters, digits, '_' or '-'")
     engine = app[ENGINE]
-    live, created = session_for_ingest(engine, caller.id, uuid, "websocket")
+    live, created = await session_for_ingest(engine, caller.id, uuid, "websocket")
     ws = await _prepare(request)
     await run_wavstream(_Socket(ws), engine, live, role, created)
     return ws
@@ -123,7 +123,7 @@ async def twilio_stream(request: web.Request) -> web.StreamResponse:
         caller = ingest_app(app[CONFIG], request, uuid, app[CLOCK].time())
     engine = app[ENGINE]
     if caller is not None and uuid is not None:
-        session_for_ingest(engine, caller.id, uuid, "twilio")  # checks ownership before upgrading
+        await session_for_ingest(engine, caller.id, uuid, "twilio")  # checks ownership before upgrading
     ws = await _prepare(request)
     # Without credentials in the request, the start message's customParameters must carry them.
     stream = TwilioStream(engine, caller.id if caller else None, uuid, _start_credentials(app[CONFIG], app[CLOCK], uuid),

@@ -52,7 +52,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediaserver_recordings Recordings in the catalog by state.",
         "# TYPE mediaserver_recordings gauge",
     ]
-    for state, count in sorted(catalog.count_recordings_by_state().items()):
+    for state, count in sorted((await catalog.count_recordings_by_state()).items()):
         lines.append(f'mediaserver_recordings{{state="{state}"}} {count}')
     counters = engine.counters
     lines += [
@@ -73,7 +73,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"mediaserver_processing_errors_total {engine.processing_errors}",
         "# HELP mediaserver_webhook_backlog Webhook events not yet delivered.",
         "# TYPE mediaserver_webhook_backlog gauge",
-        f"mediaserver_webhook_backlog {catalog.outbox_backlog()}",
+        f"mediaserver_webhook_backlog {await catalog.outbox_backlog()}",
         "# HELP mediaserver_admission_open 1 while new calls are taken, 0 while they are refused (full or overloaded).",
         "# TYPE mediaserver_admission_open gauge",
         f"mediaserver_admission_open {int(engine.admission.closed_by(len(engine.sessions)) is None)}",

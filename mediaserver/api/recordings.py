@@ -49,8 +49,8 @@ def recording_view(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def own_recording(request: web.Request, recording_id: str) -> dict[str, Any]:
-    row = request.app[CATALOG].recording(recording_id)
+async def own_recording(request: web.Request, recording_id: str) -> dict[str, Any]:
+    row = await request.app[CATALOG].recording(recording_id)
     if row is None:
         raise NotFound("recordings.not_found", f"no recording {recording_id}")
     if row["app_id"] != request[CALLER].id:
@@ -87,7 +87,7 @@ async def list_recordings(request: web.Request) -> web.Response:
     state = request.query.get("state") or None
     if state is not None and state not in STATES:
         raise Invalid("request.invalid_query", f"state must be one of {', '.join(STATES)}")
-    rows, total = request.app[CATALOG].recordings(
+    rows, total = await request.app[CATALOG].recordings(
         request[CALLER].id, session_uuid=request.query.get("session_id") or None,
         since=parse_time("since", request.query.get("since")), until=parse_time("until", request.query.get("until")),
         state=state, limit=limit, offset=offset)
@@ -95,11 +95,11 @@ async def list_recordings(request: web.Request) -> web.Response:
 
 
 async def get_recording(request: web.Request) -> web.Response:
-    return json_response(recording_view(request, own_recording(request, request.match_info["id"])))
+    return json_response(recording_view(request, await own_recording(request, request.match_info["id"])))
 
 
 async def download(request: web.Request) -> web.Response:
-    return await _download(request, own_recording(request, request.match_info["id"]))
+    return await _download(request, await own_recording(request, request.match_info["id"]))
 
 
 async def _download(request: web.Request, row: dict[str, Any]) -> web.Response:
@@ -110,7 +110,7 @@ async def _download(request: web.Request, row: dict[str, Any]) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.Response:
-    return await _stream(request, own_recording(request, request.match_info["id"]))
+    return await _stream(request, await own_recording(request, request.match_info["id"]))
 
 
 async def _stream(request: web.Request, row: dict[str, Any]) -> web.Response:
@@ -122,7 +122,7 @@ async def _stream(request: web.Request, row: dict[str, Any]) -> web.Response:
 
 
 async def delete_recording(request: web.Request) -> web.Response:
-    row = own_recording(request, request.match_info["id"])
+    row = await own_recording(request, request.match_info["id"])
     if row["state"] in PENDING_STATES:
         raise Conflict("recordings.active", f"recording {row['id']} is {row['state']}: stop it and wait until it is stored")
     if row["state"] == "deleted":
@@ -157,29 +157,29 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
 # -- aliases for clients written against other platforms ------------------------------
 
 
-def _latest_for_call(request: web.Request, call_id: str) -> dict[str, Any]:
+async def _latest_for_call(request: web.Request, call_id: str) -> dict[str, Any]:
     catalog = request.app[CATALOG]
-    session = catalog.session(call_id)
+    session = await catalog.session(call_id)
     if session is None:
         raise NotFound("calls.not_found", f"no call {call_id}")
     if session["app_id"] != request[CALLER].id:
         raise Forbidden("auth.forbidden", "this call belongs to another app")
-    rows, _ = catalog.recordings(request[CALLER].id, session_uuid=call_id, limit=1)
+    rows, _ = await catalog.recordings(request[CALLER].id, session_uuid=call_id, limit=1)
     if not rows:
         raise NotFound("recordings.not_found", f"call {call_id} has no recording")
     return rows[0]
 
 
 async def call_recording(request: web.Request) -> web.Response:
-    return await _download(request, _latest_for_call(request, request.match_info["id"]))
+    return await _download(request, await _latest_for_call(request, request.match_info["id"]))
 
 
 async def call_recording_download(request: web.Request) -> web.Response:
-    return await _download(request, _latest_for_call(request, request.match_info["call_sid"]))
+    return await _download(request, await _latest_for_call(request, request.match_info["call_sid"]))
 
 
 async def call_recording_stream(request: web.Request) -> web.Response:
-    return await _stream(request, _latest_for_call(request, request.match_info["call_sid"]))
+    return await _stream(request, await _latest_for_call(request, request.match_info["call_sid"]))
 
 
 def setup(app: web.Application) -> None:

@@ -40,8 +40,8 @@ def ingest_urls(request: web.Request, uuid: str, app_id: str) -> dict[str, Any]:
     }
 
 
-def session_view(request: web.Request, row: dict[str, Any], live: LiveSession | None) -> dict[str, Any]:
-    legs = request.app[CATALOG].legs(row["uuid"])
+async def session_view(request: web.Request, row: dict[str, Any], live: LiveSession | None) -> dict[str, Any]:
+    legs = await request.app[CATALOG].legs(row["uuid"])
     return {
         "uuid": row["uuid"],
         "app_id": row["app_id"],
@@ -56,8 +56,8 @@ def session_view(request: web.Request, row: dict[str, Any], live: LiveSession | 
     }
 
 
-def _own_row(request: web.Request, uuid: str) -> dict[str, Any]:
-    row = request.app[CATALOG].session(uuid)
+async def _own_row(request: web.Request, uuid: str) -> dict[str, Any]:
+    row = await request.app[CATALOG].session(uuid)
     if row is None:
         raise NotFound("sessions.not_found", f"no session {uuid}")
     if row["app_id"] != request[CALLER].id:
@@ -79,8 +79,8 @@ async def create_session(request: web.Request) -> web.Response:
     if not isinstance(meta, dict):
         raise Invalid("request.invalid_body", "metadata must be a JSON object")
     app_id = request[CALLER].id
-    live = request.app[ENGINE].create_session(app_id, "api", uuid, meta)
-    view = session_view(request, request.app[CATALOG].session(live.uuid), live)
+    live = await request.app[ENGINE].create_session(app_id, "api", uuid, meta)
+    view = await session_view(request, await request.app[CATALOG].session(live.uuid), live)
     view["ingest"] = ingest_urls(request, live.uuid, app_id)
     return json_response(view, status=201, headers={"Location": f"/api/v1/sessions/{live.uuid}"})
 
@@ -90,30 +90,31 @@ async def list_sessions(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state not in (None, "active", "ended"):
         raise Invalid("request.invalid_query", "state must be active or ended")
-    rows, total = request.app[CATALOG].sessions(request[CALLER].id, state, limit, offset)
+    rows, total = await request.app[CATALOG].sessions(request[CALLER].id, state, limit, offset)
     engine = request.app[ENGINE]
-    return json_response(page([session_view(request, r, engine.sessions.get(r["uuid"])) for r in rows], total, limit, offset))
+    views = [await session_view(request, r, engine.sessions.get(r["uuid"])) for r in rows]
+    return json_response(page(views, total, limit, offset))
 
 
 async def get_session(request: web.Request) -> web.Response:
-    row = _own_row(request, request.match_info["uuid"])
-    return json_response(session_view(request, row, request.app[ENGINE].sessions.get(row["uuid"])))
+    row = await _own_row(request, request.match_info["uuid"])
+    return json_response(await session_view(request, row, request.app[ENGINE].sessions.get(row["uuid"])))
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    row = _own_row(request, request.match_info["uuid"])
+    row = await _own_row(request, request.match_info["uuid"])
     engine = request.app[ENGINE]
     live = engine.sessions.get(row["uuid"])
     if live is None:
         raise Conflict("sessions.ended", f"session {row['uuid']} has already ended")
     await engine.end_session(row["uuid"])
-    return json_response(session_view(request, row, live), status=202)
+    return json_response(await session_view(request, row, live), status=202)
 
 
 async def add_rtp_leg(request: web.Request) -> web.Response:
     body = await json_body(request, optional=False)
     engine: Engine = request.app[ENGINE]
-    live = engine.session_for(request[CALLER].id, request.match_info["uuid"])
+    live = await engine.session_for(request[CALLER].id, request.match_info["uuid"])
     rtp = request.app[SERVICES].get("rtp")
     if rtp is None:
         raise ServiceError(503, "rtp.unavailable", "RTP ingest is not running on this server")
@@ -125,7 +126,7 @@ async def add_rtp_leg(request: web.Request) -> web.Response:
 async def live_wav(request: web.Request) -> web.StreamResponse:
     """The recording in progress as a WAV stream that grows while it is read."""
     engine: Engine = request.app[ENGINE]
-    live = engine.session_for(request[CALLER].id, request.match_info["uuid"])
+    live = await engine.session_for(request[CALLER].id, request.match_info["uuid"])
     rec = live.recording
     if rec is None or rec.state == "stopping":
         raise Conflict("recordings.not_active", "no recording is in progress in this session")

@@ -94,7 +94,7 @@ class SipService:
         if not any(accepted):
             raise SipFailure(488, "No Acceptable Audio Stream")
         try:
-            live = self.engine.create_session(self._app_for(request), "siprec" if metadata else "sip",
+            live = await self.engine.create_session(self._app_for(request), "siprec" if metadata else "sip",
                                               meta=_meta(dialog, request, metadata))
         except Unavailable as exc:  # past capacity: another node may take it
             raise _failure(exc) from None

@@ -194,7 +194,7 @@ class TwilioStream:
 
     async def _on(self, event) -> None:
         if isinstance(event, twilio.TwilioStart):
-            self._start(event)
+            await self._start(event)
         elif isinstance(event, twilio.Media):
             leg = self._leg(event.role)
             leg.push(PcmFrame(event.samples, 8000, self.origin + event.timestamp_ms * 8, leg.leg_id))
@@ -203,16 +203,16 @@ class TwilioStream:
         elif isinstance(event, twilio.Dtmf):
             self._leg(event.role).dtmf_now(event.digit, "twilio")
 
-    def _start(self, event: twilio.TwilioStart) -> None:
+    async def _start(self, event: twilio.TwilioStart) -> None:
         if self.app_id is None:
             self.app_id, self.uuid = self.authenticate(event.custom_parameters)
         params = {k: v for k, v in event.custom_parameters.items() if k != TOKEN_PARAMETER}  # a secret: not kept
         meta = {"stream_sid": event.stream_sid, "call_sid": event.call_sid, "account_sid": event.account_sid,
                 "custom_parameters": params}
         if self.uuid is None:
-            self.live, self.created = self.engine.create_session(self.app_id, "twilio", None, meta), True
+            self.live, self.created = await self.engine.create_session(self.app_id, "twilio", None, meta), True
         else:
-            self.live, self.created = session_for_ingest(self.engine, self.app_id, self.uuid, "twilio")
+            self.live, self.created = await session_for_ingest(self.engine, self.app_id, self.uuid, "twilio")
         self.origin = self.live.session.timeline_at(self.engine.clock.monotonic(), 8000)
         for role in event.roles:
             self._leg(role)

@@ -86,7 +86,7 @@ async def publish(engine: Engine, service: WhipService, app_id: str, uuid: str, 
         Offer.parse(offer)
     except OfferError as exc:
         raise refusal(exc) from None
-    live, created = session_for_ingest(engine, app_id, uuid, "whip")
+    live, created = await session_for_ingest(engine, app_id, uuid, "whip")
     leg = engine.open_leg(live, role, "webrtc")
     sink = LegSink(engine, leg, created)
     try:

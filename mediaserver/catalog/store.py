@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
     ended_at REAL,
-    meta TEXT NOT NULL DEFAULT '{}'
+    meta TEXT NOT NULL DEFAULT '{}',
+    node_id TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_app ON sessions (app_id, created_at);
 CREATE TABLE IF NOT EXISTS legs (
@@ -86,7 +87,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (delivered_at, abandoned_at, next_attempt_at);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    node_url TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
 """
+# Changes to a catalog written by an earlier version, by the `PRAGMA user_version` they lead to.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, "ALTER TABLE sessions ADD COLUMN node_id TEXT"),
+)
 
 _JSON_COLUMNS = {"meta", "options", "legs", "stats"}
 RECORDING_COLUMNS = (
@@ -135,9 +146,38 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
+        self._migrate()
 
-    def close(self) -> None:
+    def _migrate(self) -> None:
+        """Create the schema, or bring a catalog of an earlier version up to this one."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        fresh = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sessions'").fetchone()[0] == 0
+        if fresh:
+            self._db.executescript(SCHEMA)
+        else:
+            for target, sql in MIGRATIONS:
+                if version < target:
+                    self._db.execute(sql)
+            self._db.executescript(SCHEMA)  # tables added since, if any
+        self._db.execute(f"PRAGMA user_version = {MIGRATIONS[-1][0]}")
+
+    # -- lifecycle: the same calls as the PostgreSQL catalog's -------------------------
+
+    async def start(self) -> None:
+        """Nothing to connect to: the file was opened and migrated by the constructor."""
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Writes are applied as they are made."""
+
+    @property
+    def writes_pending(self) -> int:
+        return 0
+
+    async def try_lead(self, name: str) -> bool:
+        """A single node leads every once-per-cluster job."""
+        return True
+
+    async def close(self) -> None:
         with self._lock:
             self._db.close()
 
@@ -166,16 +206,18 @@ class Catalog:
 
     # -- sessions and legs --------------------------------------------------------------
 
-    def create_session(self, uuid: str, app_id: str, source: str, created_at: float, meta: dict[str, Any] | None = None) -> None:
-        self._insert("sessions", {"uuid": uuid, "app_id": app_id, "source": source, "state": "active", "created_at": created_at, "meta": meta or {}})
+    def create_session(self, uuid: str, app_id: str, source: str, created_at: float, meta: dict[str, Any] | None = None,
+                       node_id: str | None = None) -> None:
+        self._insert("sessions", {"uuid": uuid, "app_id": app_id, "source": source, "state": "active", "created_at": created_at,
+                                  "meta": meta or {}, "node_id": node_id})
 
     def update_session(self, uuid: str, **values: Any) -> None:
         self._update("sessions", "uuid", uuid, values)
 
-    def session(self, uuid: str) -> dict[str, Any] | None:
+    async def session(self, uuid: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM sessions WHERE uuid = ?", (uuid,))
 
-    def sessions(self, app_id: str, state: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    async def sessions(self, app_id: str, state: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         where, params = "app_id = ?", [app_id]
         if state:
             where, params = where + " AND state = ?", params + [state]
@@ -183,7 +225,7 @@ class Catalog:
         rows = self._all(f"SELECT * FROM sessions WHERE {where} ORDER BY created_at DESC, uuid LIMIT ? OFFSET ?", params + [limit, offset])
         return rows, total
 
-    def active_sessions(self) -> list[dict[str, Any]]:
+    async def active_sessions(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM sessions WHERE state = 'active'")
 
     def add_leg(self, leg_id: str, session_uuid: str, role: str, kind: str, created_at: float) -> None:
@@ -192,7 +234,7 @@ class Catalog:
     def update_leg(self, leg_id: str, **values: Any) -> None:
         self._update("legs", "leg_id", leg_id, values)
 
-    def legs(self, session_uuid: str) -> list[dict[str, Any]]:
+    async def legs(self, session_uuid: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM legs WHERE session_uuid = ? ORDER BY created_at, leg_id", (session_uuid,))
 
     # -- recordings ---------------------------------------------------------------------
@@ -203,10 +245,10 @@ class Catalog:
     def update_recording(self, recording_id: str, **values: Any) -> None:
         self._update("recordings", "id", recording_id, values)
 
-    def recording(self, recording_id: str) -> dict[str, Any] | None:
+    async def recording(self, recording_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM recordings WHERE id = ?", (recording_id,))
 
-    def recordings(self, app_id: str, *, session_uuid: str | None = None, since: float | None = None,
+    async def recordings(self, app_id: str, *, session_uuid: str | None = None, since: float | None = None,
                    until: float | None = None, state: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
         where, params = ["app_id = ?"], [app_id]
         for clause, value in (("session_uuid = ?", session_uuid), ("created_at >= ?", since), ("created_at < ?", until), ("state = ?", state)):
@@ -218,21 +260,21 @@ class Catalog:
         rows = self._all(f"SELECT * FROM recordings WHERE {sql} ORDER BY created_at DESC, id LIMIT ? OFFSET ?", params + [limit, offset])
         return rows, total
 
-    def recordings_in(self, states: Iterable[str]) -> list[dict[str, Any]]:
+    async def recordings_in(self, states: Iterable[str]) -> list[dict[str, Any]]:
         states = tuple(states)
         marks = ", ".join("?" for _ in states)
         return self._all(f"SELECT * FROM recordings WHERE state IN ({marks}) ORDER BY created_at", states)
 
-    def expired_recordings(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
+    async def expired_recordings(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM recordings WHERE state = 'completed' AND expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit))
 
-    def count_recordings_by_state(self) -> dict[str, int]:
+    async def count_recordings_by_state(self) -> dict[str, int]:
         with self._lock:
             return dict(self._db.execute("SELECT state, COUNT(*) FROM recordings GROUP BY state").fetchall())
 
     # -- command idempotency ------------------------------------------------------------
 
-    def command(self, session_uuid: str, command_uid: str) -> dict[str, Any] | None:
+    async def command(self, session_uuid: str, command_uid: str) -> dict[str, Any] | None:
         row = self._one("SELECT * FROM commands WHERE session_uuid = ? AND command_uid = ?", (session_uuid, command_uid))
         if row is not None:
             row["response"] = json.loads(row["response"])
@@ -248,7 +290,7 @@ class Catalog:
         self._insert("outbox", {"event_id": event_id, "app_id": app_id, "url": url, "kind": kind, "body": body,
                                 "signed": int(signed), "created_at": created_at, "next_attempt_at": created_at})
 
-    def due(self, now: float, limit: int = 50) -> list[OutboxItem]:
+    async def due(self, now: float, limit: int = 50) -> list[OutboxItem]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, event_id, app_id, url, kind, body, signed, created_at, attempts FROM outbox "
@@ -256,7 +298,7 @@ class Catalog:
                 "ORDER BY next_attempt_at, seq LIMIT ?", (now, limit)).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bool(r[6]), r[7], r[8]) for r in rows]
 
-    def next_due_at(self) -> float | None:
+    async def next_due_at(self) -> float | None:
         with self._lock:
             row = self._db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE delivered_at IS NULL AND abandoned_at IS NULL").fetchone()
         return row[0]
@@ -270,11 +312,21 @@ class Catalog:
     def abandon(self, seq: int, now: float, error: str) -> None:
         self._run("UPDATE outbox SET abandoned_at = ?, attempts = attempts + 1, last_error = ? WHERE seq = ?", (now, error[:500], seq))
 
-    def outbox_backlog(self) -> int:
+    async def outbox_backlog(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL AND abandoned_at IS NULL").fetchone()[0]
 
-    def outbox_items(self, app_id: str | None = None) -> list[dict[str, Any]]:
+    async def outbox_items(self, app_id: str | None = None) -> list[dict[str, Any]]:
         if app_id is None:
             return self._all("SELECT * FROM outbox ORDER BY seq")
         return self._all("SELECT * FROM outbox WHERE app_id = ? ORDER BY seq", (app_id,))
+
+    # -- node registry ------------------------------------------------------------------
+
+    def heartbeat(self, node_id: str, node_url: str, now: float) -> None:
+        self._run("INSERT INTO nodes (node_id, node_url, started_at, heartbeat_at) VALUES (?, ?, ?, ?) "
+                  "ON CONFLICT (node_id) DO UPDATE SET node_url = excluded.node_url, heartbeat_at = excluded.heartbeat_at",
+                  (node_id, node_url, now, now))
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM nodes ORDER BY node_id")

@@ -86,12 +86,12 @@ class Archive:
             log.error("recording %s could not be stored: %s", rid, exc)
             await upload.abort()
             self.catalog.update_recording(rid, state="failed", error=str(exc))
-            self.announcer.failed(self.catalog.recording(rid), str(exc))
+            self.announcer.failed(await self.catalog.recording(rid), str(exc))
             return
         now = self.clock.time()
         expires = now + self.retention_s
         self.catalog.update_recording(rid, state="completed", completed_at=now, file_size=info.size, sha256=info.sha256, expires_at=expires, spool_path=None)
-        self.announcer.completed(self.catalog.recording(rid))
+        self.announcer.completed(await self.catalog.recording(rid))
 
     # -- retention ---------------------------------------------------------------------
 
@@ -107,7 +107,7 @@ class Archive:
     async def sweep_expired(self) -> int:
         """Delete the files of recordings past retention; they answer 410 from then on."""
         swept = 0
-        for row in self.catalog.expired_recordings(self.clock.time()):
+        for row in await self.catalog.expired_recordings(self.clock.time()):
             try:
                 await self.storage.delete(row["storage_key"])
             except StorageError as exc:
@@ -122,15 +122,15 @@ class Archive:
     async def recover(self) -> None:
         """After a restart: end the sessions the stop ended (announcing it, once: the next
         restart finds them ended) and finish every recording that was not yet stored."""
-        for row in self.catalog.active_sessions():
+        for row in await self.catalog.active_sessions():
             now = self.clock.time()
             # Queued before the state changes: a crash in between announces it twice, never not at all.
             self.announcer.session_ended(row["app_id"], row["uuid"])
-            for leg in self.catalog.legs(row["uuid"]):
+            for leg in await self.catalog.legs(row["uuid"]):
                 if leg["ended_at"] is None:
                     self.catalog.update_leg(leg["leg_id"], ended_at=now)
             self.catalog.update_session(row["uuid"], state="ended", ended_at=now)
-        for row in self.catalog.recordings_in(ACTIVE_STATES):
+        for row in await self.catalog.recordings_in(ACTIVE_STATES):
             self.recover_one(row)
 
     def recover_one(self, row: dict[str, Any]) -> None:
@@ -142,7 +142,7 @@ class Archive:
         delay = 1.0
         while True:
             try:
-                return await self._recover_one(self.catalog.recording(row["id"]))
+                return await self._recover_one(await self.catalog.recording(row["id"]))
             except StorageError as exc:
                 if not getattr(exc, "transient", False):
                     raise
@@ -158,7 +158,7 @@ class Archive:
                 info = await self.storage.stat(row["storage_key"])
                 self.catalog.update_recording(rid, state="completed", completed_at=self.clock.time(), file_size=info.size, sha256=info.sha256,
                                               expires_at=self.clock.time() + self.retention_s, spool_path=None)
-                self.announcer.completed(self.catalog.recording(rid))
+                self.announcer.completed(await self.catalog.recording(rid))
                 return
             self.catalog.update_recording(rid, state="failed", error="the spool file was lost")
             self.announcer.failed(row, "the spool file was lost")

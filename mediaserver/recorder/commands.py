@@ -69,9 +69,9 @@ async def run_command(engine: Engine, app_id: str, session_uuid: str, kind: str,
     if not isinstance(body, dict):
         raise Invalid("request.invalid_body", "the command body must be a JSON object")
     uid = _command_uid(body)
-    live = engine.session_for(app_id, session_uuid)
+    live = await engine.session_for(app_id, session_uuid)
     async with live.lock:
-        prior = engine.catalog.command(session_uuid, uid)
+        prior = await engine.catalog.command(session_uuid, uid)
         if prior is not None:
             return CommandAnswer(prior["status"], prior["response"])
         _check_cooldown(engine, live)

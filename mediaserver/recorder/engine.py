@@ -145,24 +145,26 @@ class Engine:
 
     # -- sessions and legs -------------------------------------------------------------
 
-    def create_session(self, app_id: str, source: str, uuid: str | None = None, meta: dict[str, Any] | None = None) -> LiveSession:
+    async def create_session(self, app_id: str, source: str, uuid: str | None = None,
+                             meta: dict[str, Any] | None = None) -> LiveSession:
         uuid = uuid or ids.session_uuid()
-        if uuid in self.sessions or self.catalog.session(uuid) is not None:
+        # Asked again after the catalog answers: another request may have made it meanwhile.
+        if uuid in self.sessions or await self.catalog.session(uuid) is not None or uuid in self.sessions:
             raise Conflict("sessions.exists", f"session {uuid} already exists")
         self.admission.check(len(self.sessions))  # Unavailable past capacity
         now = self.clock.time()
         session = self._new_session(uuid, app_id)
         live = self.sessions[uuid] = LiveSession(uuid, app_id, source, now, session)
         self._all_ended.clear()
-        self.catalog.create_session(uuid, app_id, source, now, meta)
+        self.catalog.create_session(uuid, app_id, source, now, meta, node_id=self.settings.node.node_id)
         self.announcer.session_started(app_id, uuid, source)
         return live
 
-    def session_for(self, app_id: str, uuid: str) -> LiveSession:
+    async def session_for(self, app_id: str, uuid: str) -> LiveSession:
         """The live session `uuid` of `app_id`: NotFound, Forbidden (another app's) or Conflict (ended)."""
         live = self.sessions.get(uuid)
         if live is None:
-            row = self.catalog.session(uuid)
+            row = await self.catalog.session(uuid)
             if row is None:
                 raise NotFound("sessions.not_found", f"no session {uuid}")
             if row["app_id"] != app_id:
@@ -346,7 +348,7 @@ class Engine:
             live.recordings.clear()
             live.recording = None
             self._session_ended(live)
-            for row in self.catalog.recordings(live.app_id, session_uuid=uuid, limit=500)[0]:
+            for row in (await self.catalog.recordings(live.app_id, session_uuid=uuid, limit=500))[0]:
                 # "processing" ones were closed before the worker died and are being stored.
                 if row["state"] in ("initiated", "recording", "paused", "stopped"):
                     self.archive.recover_one(row)

@@ -95,7 +95,7 @@ class WebhookSender:
         while True:
             await self.deliver_due()
             self._wakeup.clear()
-            nxt = self._catalog.next_due_at()
+            nxt = await self._catalog.next_due_at()
             delay = 60.0 if nxt is None else max(min(nxt - self._clock.time(), 60.0), 0.05)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), delay)
@@ -104,7 +104,7 @@ class WebhookSender:
 
     async def deliver_due(self) -> int:
         """Attempt every event that is due now; returns how many were attempted."""
-        items = self._catalog.due(self._clock.time())
+        items = await self._catalog.due(self._clock.time())
         await asyncio.gather(*(self._attempt(item) for item in items))
         return len(items)
 
