@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mediaserver.api import ingest_ws, ops, recordings, sessions, telephony, whip
+from mediaserver.api import forward, ingest_ws, ops, recordings, sessions, telephony, whip
 from mediaserver.api.auth import authenticate
 from mediaserver.api.common import error_response, refusal_response
 from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
@@ -173,11 +173,16 @@ def _service_factories():
 
 def make_app(config: Config, clock=None) -> web.Application:
     """The aiohttp application for `config` (secrets and apps already filled in)."""
-    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=config.max_body_bytes)
+    middlewares = [errors_middleware, auth_middleware]
+    if config.catalog == "postgres":
+        middlewares.append(forward.forward_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[CLOCK] = clock or SystemClock()
     app[SERVICES] = {}
     app.cleanup_ctx.append(_components)
+    if config.catalog == "postgres":
+        app.cleanup_ctx.append(forward.client_ctx)
     ops.setup(app)
     sessions.setup(app)
     recordings.setup(app)

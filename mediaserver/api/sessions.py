@@ -28,7 +28,8 @@ def ingest_urls(request: web.Request, uuid: str, app_id: str) -> dict[str, Any]:
     config = request.app[CONFIG]
     expires = int(request.app[CLOCK].time()) + config.ingest_token_ttl_s
     token = make_token(config.secret_key, app_id, uuid, expires)
-    base = config.base_url
+    # In a cluster the legs go straight to the node that holds the session.
+    base = config.node().node_url if config.catalog == "postgres" else config.base_url
     ws = "wss" + base[5:] if base.startswith("https") else "ws" + base[4:]
     return {
         "token": token,

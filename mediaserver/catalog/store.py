@@ -225,8 +225,28 @@ class Catalog:
         rows = self._all(f"SELECT * FROM sessions WHERE {where} ORDER BY created_at DESC, uuid LIMIT ? OFFSET ?", params + [limit, offset])
         return rows, total
 
-    async def active_sessions(self) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM sessions WHERE state = 'active'")
+    async def active_sessions(self, node_id: str | None = None) -> list[dict[str, Any]]:
+        """Sessions not ended (of `node_id` only, when given)."""
+        if node_id is None:
+            return self._all("SELECT * FROM sessions WHERE state = 'active'")
+        return self._all("SELECT * FROM sessions WHERE state = 'active' AND node_id = ?", (node_id,))
+
+    async def claim_sessions(self, from_node: str, to_node: str) -> list[dict[str, Any]]:
+        """Move the active sessions of `from_node` to `to_node` at once; answers those moved
+        (none when another node took them first)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = [_decode(r) for r in self._db.execute(
+                    "SELECT * FROM sessions WHERE state = 'active' AND node_id = ?", (from_node,)).fetchall()]
+                self._db.execute("UPDATE sessions SET node_id = ? WHERE state = 'active' AND node_id = ?", (to_node, from_node))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        for row in rows:
+            row["node_id"] = to_node
+        return rows
 
     def add_leg(self, leg_id: str, session_uuid: str, role: str, kind: str, created_at: float) -> None:
         self._insert("legs", {"leg_id": leg_id, "session_uuid": session_uuid, "role": role, "kind": kind, "created_at": created_at})
@@ -260,10 +280,14 @@ class Catalog:
         rows = self._all(f"SELECT * FROM recordings WHERE {sql} ORDER BY created_at DESC, id LIMIT ? OFFSET ?", params + [limit, offset])
         return rows, total
 
-    async def recordings_in(self, states: Iterable[str]) -> list[dict[str, Any]]:
+    async def recordings_in(self, states: Iterable[str], node_id: str | None = None) -> list[dict[str, Any]]:
+        """Recordings in one of `states` (of the sessions `node_id` holds, when given)."""
         states = tuple(states)
         marks = ", ".join("?" for _ in states)
-        return self._all(f"SELECT * FROM recordings WHERE state IN ({marks}) ORDER BY created_at", states)
+        if node_id is None:
+            return self._all(f"SELECT * FROM recordings WHERE state IN ({marks}) ORDER BY created_at", states)
+        return self._all(f"SELECT r.* FROM recordings r JOIN sessions s ON s.uuid = r.session_uuid "
+                         f"WHERE r.state IN ({marks}) AND s.node_id = ? ORDER BY r.created_at", states + (node_id,))
 
     async def expired_recordings(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM recordings WHERE state = 'completed' AND expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit))
@@ -330,3 +354,6 @@ class Catalog:
 
     async def nodes(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM nodes ORDER BY node_id")
+
+    async def node(self, node_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM nodes WHERE node_id = ?", (node_id,))

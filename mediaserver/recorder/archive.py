@@ -11,6 +11,7 @@ retention have their files deleted and answer 410 from then on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,13 +38,19 @@ class Archive:
     """Recordings on their way to storage, and stored ones until retention ends."""
 
     def __init__(self, catalog: Catalog, storage: Storage, announcer: Announcer, clock, *, retention_hours: float,
-                 sweep_every_s: float) -> None:
+                 sweep_every_s: float, spool_dir: Path, node_id: str | None = None,
+                 checkpoint_s: float | None = None) -> None:
         self.catalog = catalog
         self.storage = storage
         self.announcer = announcer
         self.clock = clock
         self.retention_s = retention_hours * 3600
         self.sweep_every_s = sweep_every_s
+        self.spool_dir = spool_dir
+        # In a cluster: this node's name (it recovers only its own recordings) and how often
+        # its spools are checkpointed to S3. None alone.
+        self.node_id = node_id
+        self.checkpoint_s = checkpoint_s
         self._tasks = TaskSet("archive")  # pumping, storing, recovering
 
     async def wait(self, timeout: float) -> None:
@@ -61,8 +68,17 @@ class Archive:
     async def _pump(self, rec: LiveRecording) -> None:
         try:
             await rec.upload.pump()
+            if self.checkpoint_s is not None and self.clock.monotonic() >= rec.checkpoint_due:
+                rec.checkpoint_due = self.clock.monotonic() + self.checkpoint_s
+                await self._checkpoint(rec)
         except StorageError as exc:
             log.warning("uploading %s: %s (will retry)", rec.id, exc)
+
+    async def _checkpoint(self, rec: LiveRecording) -> None:
+        """Copy what the spool gained since the last checkpoint to S3, where another node
+        finds it if this one dies."""
+        if rec.spool is not None:
+            rec.checkpointed = await self.storage.checkpoint(rec.key, rec.spool, rec.checkpointed)
 
     def store(self, rec: LiveRecording, closed: RecordingClosed) -> None:
         """The recording is closed (its spool final): store it and announce it, in the background."""
@@ -76,10 +92,30 @@ class Archive:
             await asyncio.to_thread(remove_checkpoint, rec.spool)  # the catalog has the final legs
         if rec.pumping is not None:
             await asyncio.wait([rec.pumping])  # the part being sent goes first; _pump handles its errors
-        await self.finish_upload(rec.id, rec.app_id, rec.upload, duration)
+        if self.node_id is not None:
+            if not await self._still_ours(rec.session_uuid):
+                log.warning("recording %s was settled by another node while this one was cut off: not storing it", rec.id)
+                await rec.upload.abort()
+                return
+            with contextlib.suppress(StorageError):  # the last seconds, should this node die while uploading
+                await self._checkpoint(rec)
+        if await self.finish_upload(rec.id, rec.app_id, rec.upload, duration) and self.node_id is not None:
+            await self._drop_checkpoints(rec.key)
 
-    async def finish_upload(self, rid: str, app_id: str, upload: Upload, duration: float) -> None:
-        """Complete the upload and announce the stored recording (or its failure)."""
+    async def _still_ours(self, session_uuid: str) -> bool:
+        """False once another node has taken this node's sessions over (it took us for dead)."""
+        row = await self.catalog.session(session_uuid)
+        return row is None or row.get("node_id") in (None, self.node_id)
+
+    async def _drop_checkpoints(self, key: str) -> None:
+        try:
+            await self.storage.drop_checkpoints(key)
+        except StorageError as exc:
+            log.warning("could not delete the checkpoints of %s: %s", key, exc)
+
+    async def finish_upload(self, rid: str, app_id: str, upload: Upload, duration: float) -> bool:
+        """Complete the upload and announce the stored recording (or its failure); True
+        when it was stored."""
         try:
             info = await upload.complete()
         except StorageError as exc:
@@ -87,11 +123,12 @@ class Archive:
             await upload.abort()
             self.catalog.update_recording(rid, state="failed", error=str(exc))
             self.announcer.failed(await self.catalog.recording(rid), str(exc))
-            return
+            return False
         now = self.clock.time()
         expires = now + self.retention_s
         self.catalog.update_recording(rid, state="completed", completed_at=now, file_size=info.size, sha256=info.sha256, expires_at=expires, spool_path=None)
         self.announcer.completed(await self.catalog.recording(rid))
+        return True
 
     # -- retention ---------------------------------------------------------------------
 
@@ -107,6 +144,8 @@ class Archive:
     async def sweep_expired(self) -> int:
         """Delete the files of recordings past retention; they answer 410 from then on."""
         swept = 0
+        if not await self.catalog.try_lead("retention"):
+            return swept  # another node of the cluster sweeps
         for row in await self.catalog.expired_recordings(self.clock.time()):
             try:
                 await self.storage.delete(row["storage_key"])
@@ -122,7 +161,7 @@ class Archive:
     async def recover(self) -> None:
         """After a restart: end the sessions the stop ended (announcing it, once: the next
         restart finds them ended) and finish every recording that was not yet stored."""
-        for row in await self.catalog.active_sessions():
+        for row in await self.catalog.active_sessions(self.node_id):
             now = self.clock.time()
             # Queued before the state changes: a crash in between announces it twice, never not at all.
             self.announcer.session_ended(row["app_id"], row["uuid"])
@@ -130,8 +169,44 @@ class Archive:
                 if leg["ended_at"] is None:
                     self.catalog.update_leg(leg["leg_id"], ended_at=now)
             self.catalog.update_session(row["uuid"], state="ended", ended_at=now)
-        for row in await self.catalog.recordings_in(ACTIVE_STATES):
+        for row in await self.catalog.recordings_in(ACTIVE_STATES, self.node_id):
             self.recover_one(row)
+
+    # -- a lost node's recordings ------------------------------------------------------
+
+    def settle_lost(self, row: dict[str, Any]) -> None:
+        """Store a recording whose node died, from the checkpoints it left in S3, in the
+        background: `completed` with `termination_reason: node_lost`."""
+        self._tasks.spawn(self._settle_lost(row), f"settle-{row['id']}")
+
+    async def _settle_lost(self, row: dict[str, Any]) -> None:
+        key = row["storage_key"]
+        spool = self.spool_dir / Path(row["spool_path"] or f"{row['id']}.{key.rsplit('.', 1)[-1]}").name
+        delay = 1.0
+        while True:
+            try:
+                restored = await self.storage.restore(key, spool)
+                await self.storage.abort_uploads(key)  # the dead node's; the spool is the source now
+                break
+            except StorageError as exc:
+                if not getattr(exc, "transient", False):
+                    log.error("settling %s of a lost node: %s", row["id"], exc)
+                    self.catalog.update_recording(row["id"], state="failed", error=f"the node recording it was lost: {exc}")
+                    self.announcer.failed(await self.catalog.recording(row["id"]), str(exc))
+                    return
+                log.warning("settling %s of a lost node: %s (retrying in %.0f s)", row["id"], exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+        if restored == 0:
+            spool.unlink(missing_ok=True)  # nothing reached S3 but, perhaps, the stored file
+        log.info("settling recording %s of a lost node from %d checkpointed bytes", row["id"], restored)
+        # Settled as interrupted whatever state it had: the file ends where the checkpoints do.
+        lost = dict(row, spool_path=str(spool), state="stopped", termination_reason="node_lost",
+                    error="the node recording it was lost; the audio checkpointed until then was kept")
+        self.catalog.update_recording(row["id"], spool_path=str(spool))
+        await self._recover_one(lost)
+        if (await self.catalog.recording(row["id"]))["state"] == "completed":
+            await self._drop_checkpoints(key)
 
     def recover_one(self, row: dict[str, Any]) -> None:
         """Finish the recording in `row` from its spool (and journal), in the background."""

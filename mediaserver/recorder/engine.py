@@ -27,6 +27,7 @@ from mediaserver.options import RecordingOptions
 from mediaserver.recorder.admission import Admission
 from mediaserver.recorder.announce import Announcer
 from mediaserver.recorder.archive import Archive
+from mediaserver.recorder.cluster import Membership
 from mediaserver.recorder.legs import Leg
 from mediaserver.recorder.messages import (Event, RecordingClosed, RecordingPaused, RecordingResumed, RecordingStarted,
                                             RecordingStopped)
@@ -62,6 +63,8 @@ class LiveRecording:
     spool: Path | None = None
     state: str = "initiated"  # as commands have been accepted: recording, paused, stopping
     pumping: asyncio.Task | None = None  # the upload's pump while it sends parts
+    checkpointed: int = 0  # spool bytes copied to S3 as checkpoints (cluster mode)
+    checkpoint_due: float = 0.0  # monotonic time of the next checkpoint
 
 
 @dataclass(slots=True)
@@ -93,8 +96,12 @@ class Engine:
         self.storage = storage
         self.outbox = outbox
         self.announcer = Announcer(outbox, settings.base_url, settings.recording_base_url)
+        node = settings.node
         self.archive = Archive(catalog, storage, self.announcer, clock, retention_hours=settings.retention_hours,
-                               sweep_every_s=settings.sweep_every_s)
+                               sweep_every_s=settings.sweep_every_s, spool_dir=settings.spool_dir,
+                               node_id=node.node_id if node.clustered else None,
+                               checkpoint_s=node.checkpoint_s if node.clustered else None)
+        self.membership = Membership(node, self) if node.clustered else None
         self.clock = clock
         self.defaults = settings.defaults
         self.admission = Admission(settings.admission, clock)
@@ -114,6 +121,8 @@ class Engine:
     # -- lifetime ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.membership is not None:
+            await self.membership.beat()  # known to the cluster before it records anything
         await self.archive.recover()
         self.processor.start()
         if self.settings.workers > 1:
@@ -121,6 +130,8 @@ class Engine:
                 await self._start_shard(index)
         self._loops.spawn(self._housekeeping_loop(), "housekeeping")
         self._loops.spawn(self.archive.sweep_loop(), "retention-sweep")
+        if self.membership is not None:
+            self._loops.spawn(self.membership.run(), "cluster-membership")
 
     async def close(self) -> None:
         """End every session (their recordings are finished and stored), then stop."""
