@@ -123,6 +123,7 @@ class S3Settings:
     retry_for_s: float
     key_template: str
     journal_dir: Path
+    shared: bool = False  # other nodes upload under the same prefix: start() sweeps no orphans
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ class Config:
     def s3(self) -> S3Settings:
         return S3Settings(self.s3_endpoint, self.s3_bucket, self.s3_region, self.s3_access_key, self.s3_secret_key,
                           self.s3_part_size, self.s3_sse, self.s3_retry_for_s, self.s3_key_template,
-                          self.data_dir / "journal")
+                          self.data_dir / "journal", shared=self.catalog == "postgres")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

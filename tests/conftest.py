@@ -34,3 +34,21 @@ def s3_own_server(tmp_path_factory):
 
     with S3Server(tmp_path_factory.mktemp("s3own")) as server:
         yield server
+
+
+# -- PostgreSQL (a real server from Debian's binaries; see postgres.py) -------------------
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """One PostgreSQL for the test module; give each test its own database (fresh_database)."""
+    from postgres import started
+
+    yield from started()
+
+
+@pytest.fixture
+def postgres_own_server():
+    """A PostgreSQL for this test alone: it may stop, kill or restart it."""
+    from postgres import started
+
+    yield from started()

@@ -21,7 +21,7 @@ from mediaserver.api import forward, ingest_ws, ops, recordings, sessions, telep
 from mediaserver.api.auth import authenticate
 from mediaserver.api.common import error_response, refusal_response
 from mediaserver.api.keys import CALLER, CATALOG, CLOCK, CONFIG, ENGINE, OUTBOX, SERVICES, STORAGE
-from mediaserver.catalog import Catalog
+from mediaserver.catalog import Catalog, PostgresCatalog, SqliteCatalog
 from mediaserver.clock import SystemClock
 from mediaserver.config import Config
 from mediaserver.errors import Refused, ServiceError
@@ -117,10 +117,8 @@ def make_storage(config: Config, clock):
 def make_catalog(config: Config) -> Catalog:
     """The catalog the config asks for: a SQLite file in data_dir, or a cluster's PostgreSQL."""
     if config.catalog == "postgres":
-        from mediaserver.catalog.postgres import PostgresCatalog
-
         return PostgresCatalog(config.postgres_dsn, config.node().node_id)
-    return Catalog(config.data_dir / "catalog.sqlite3")
+    return SqliteCatalog(config.data_dir / "catalog.sqlite3")
 
 
 async def _components(app: web.Application) -> AsyncIterator[None]:

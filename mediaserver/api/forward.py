@@ -13,6 +13,7 @@ answered by any node from the shared catalog. A forwarded request carries
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aiohttp
@@ -43,6 +44,7 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Upgrade", "Host", "Content-Length", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
     "Sec-WebSocket-Accept", "Content-Encoding"))
 CONNECT_TIMEOUT_S = 5.0
+COMMIT_WAIT_S = 5.0  # how long an answer waits for the catalog to take what the request changed
 SESSION = web.AppKey("forwarding client", aiohttp.ClientSession)
 
 
@@ -62,14 +64,24 @@ async def forward_middleware(request: web.Request, handler):
     if membership is None or FORWARDED_BY in request.headers:
         return await handler(request)
     uuid = held_session(request)
-    if uuid is None or uuid in engine.sessions:
-        return await handler(request)
-    owner = await membership.owner_url(uuid)
-    if owner is None:
-        return await handler(request)  # not live anywhere: answered here (404, 409, a new session)
+    owner = None if uuid is None or uuid in engine.sessions else await membership.owner_url(uuid)
+    if owner is None:  # held here, or not live anywhere (a new session, a 404, a 409)
+        response = await handler(request)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            await _committed(request)
+        return response
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _relay_websocket(request, owner)
     return await _forward(request, owner)
+
+
+async def _committed(request: web.Request) -> None:
+    """Wait until what the request changed is in the shared catalog, so that the client's
+    next request, to whichever node, sees it."""
+    try:
+        await request.app[ENGINE].catalog.flush(timeout=COMMIT_WAIT_S)
+    except TimeoutError:
+        log.warning("%s %s answered before the catalog took its changes (it will)", request.method, request.path)
 
 
 async def client_ctx(app: web.Application):
@@ -136,7 +148,7 @@ async def _pipe(source, sink) -> None:
             if message.type == aiohttp.WSMsgType.CLOSE:
                 code, reason = message.data, message.extra or ""
             break
-    if not source.closed:
-        await source.close(code=code, message=reason.encode())
-    if not sink.closed:
-        await sink.close(code=code, message=reason.encode())
+    for side in (source, sink):
+        if not side.closed:
+            with contextlib.suppress(ConnectionError):  # that side is already gone
+                await side.close(code=code, message=reason.encode())

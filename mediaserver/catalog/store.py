@@ -134,7 +134,7 @@ def _encode(value: Any, name: str) -> Any:
     return json.dumps(value, separators=(",", ":")) if name in _JSON_COLUMNS else value
 
 
-class Catalog:
+class SqliteCatalog:
     """A thread-safe handle on the catalog database."""
 
     def __init__(self, path: Path) -> None:

@@ -32,7 +32,20 @@ spool is gone.
 Orphans. `start()` aborts the multipart uploads under the key prefix that no journal knows:
 a process died between creating and recording them. Servers that share a bucket and key
 prefix must share `data_dir/journal` too; an upload aborted by mistake starts over from its
-spool when its owner notices.
+spool when its owner notices. A cluster's nodes share the bucket but not their journals
+(`S3Settings.shared`): there the uploads no journal here knows are other nodes' live ones,
+so start() sweeps none, and a dead node's upload is aborted by the survivor that settles it.
+
+Checkpoints (cluster mode). The parts of an open multipart upload cannot be read back, and a
+node's spool is lost with its disk. So while it records, a clustered node calls
+`checkpoint()` every `checkpoint_s`: the spool's bytes since the previous checkpoint become
+one small object `{key}.ckpt/{offset:016d}`, named by the offset they start at. A survivor
+`restore()`s them end to end into a fresh spool, repairs it as after a crash, uploads it as
+usual, then aborts the dead node's multipart upload (`abort_uploads()`) and deletes the
+checkpoints (`drop_checkpoints()`). Bytes patched after they were checkpointed (WAV sizes,
+the MP3 info frame) are not copied again: the repair rewrites them. The cost: one small PUT
+per recording per `checkpoint_s`, and every byte stored twice until the recording completes
+and its checkpoints are dropped.
 """
 
 from __future__ import annotations
@@ -40,13 +53,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import random
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Awaitable, Callable, Iterator, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -62,6 +76,7 @@ from mediaserver.storage.base import ObjectInfo
 from mediaserver.storage.journal import Journal, PartRecord, UploadRecord
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
@@ -73,6 +88,8 @@ TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", 
 # only starting the multipart upload over can work.
 LOST_UPLOAD_CODES = frozenset({"NoSuchUpload", "InvalidPart"})
 TRANSPORT_ERRORS = (BotoConnectionError, HTTPClientError, IncompleteReadError, aiohttp.ClientError, OSError)
+DELETE_BATCH = 1000  # the most keys one DeleteObjects takes
+OFFSET_DIGITS = 16  # checkpoint names: zero-padded, so they list in offset order
 
 
 class S3Error(StorageError):
@@ -136,6 +153,60 @@ def _read_part(path: Path, offset: int, size: int, whole: Any = None) -> tuple[b
     if whole is not None:
         whole.update(data)
     return data, md5.hexdigest(), base64.b64encode(md5.digest()).decode()
+
+
+def checkpoint_prefix(key: str) -> str:
+    """Where the checkpoints of `key` lie: one object per checkpoint, named by its offset."""
+    return f"{key}.ckpt/"
+
+
+def checkpoint_key(key: str, offset: int) -> str:
+    return f"{checkpoint_prefix(key)}{offset:0{OFFSET_DIGITS}d}"
+
+
+def checkpoint_offset(prefix: str, name: str) -> int | None:
+    """The offset a checkpoint object's name gives, or None for a name checkpoint() does not make."""
+    digits = name.removeprefix(prefix)
+    if len(digits) == OFFSET_DIGITS and digits.isascii() and digits.isdigit():
+        return int(digits)
+    return None
+
+
+def _read_tail(path: Path, since: int, limit: int) -> tuple[bytes, str]:
+    """Blocking: up to `limit` bytes of the spool from `since` and their MD5 (base64); b"" if none."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:  # consumed by complete() meanwhile: nothing left to copy
+        return b"", ""
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = os.pread(fh.fileno(), min(size - since, limit), since) if size > since else b""
+    return data, base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _create_spool(path: Path) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w+b")
+
+
+def _append_if_agrees(fh: IO[bytes], written: int, offset: int, data: bytes) -> int | None:
+    """Blocking: lay `data` (from `offset`) after the `written` bytes; the new end, or None
+    when the bytes it shares with what is written differ (it belongs to another history)."""
+    overlap = written - offset
+    if len(data) <= overlap:
+        return written
+    fh.seek(offset)
+    if fh.read(overlap) != data[:overlap]:
+        return None
+    fh.seek(written)
+    fh.write(data[overlap:])
+    return offset + len(data)
+
+
+def _close_synced(fh: IO[bytes]) -> None:
+    with fh:
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _spool_size(path: Path) -> int:
@@ -380,6 +451,7 @@ class S3Storage:
         self.region = settings.region
         self.part_size = settings.part_size
         self.prefix = key_prefix(settings.key_template)
+        self.shared = settings.shared
         self.retry_for_s = settings.retry_for_s if retry_for_s is None else retry_for_s
         self.backoff_s = backoff_s
         self.clock = clock or SystemClock()
@@ -392,6 +464,7 @@ class S3Storage:
         self._client: Any = None
         self._ready = asyncio.Event()
         self._checker: asyncio.Task[None] | None = None
+        self._checkpoints_failing: set[str] = set()  # keys whose last checkpoint failed: warned once
 
     @property
     def client(self) -> Any:
@@ -492,6 +565,10 @@ class S3Storage:
                 log.warning("S3 upload of %s has lost its spool %s; aborting it", record.key, record.spool)
                 await self.abort_quietly(record.key, record.upload_id)
                 await asyncio.to_thread(self.journal.remove, record.key)
+        if self.shared:
+            log.info("S3 bucket %s is shared with other nodes: the uploads under %r that no journal here "
+                     "knows are theirs, so none is aborted as an orphan", self.bucket, self.prefix)
+            return
         known = {record.upload_id for record in records if Path(record.spool).exists()}
         with self.errors("ListMultipartUploads", self.prefix):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)
@@ -539,6 +616,141 @@ class S3Storage:
         except S3Error as exc:
             if exc.code != "NoSuchUpload":
                 log.warning("could not abort S3 multipart upload %s of %s: %s", upload_id, key, exc)
+
+    async def abort_uploads(self, key: str) -> int:
+        """Abort every open multipart upload of exactly `key` (a lost node's); how many were aborted.
+
+        Keys that merely start with `key` are left alone; this node's journal record of `key`
+        goes too. S3 trouble raises S3Error: the uploads left open are found again next time.
+        """
+        with self.errors("ListMultipartUploads", key):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=key)
+            upload_ids = [u["UploadId"] async for page in pages for u in page.get("Uploads", []) if u["Key"] == key]
+        aborted = 0
+        for upload_id in upload_ids:
+            try:
+                with self.errors("AbortMultipartUpload", key):
+                    await self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                aborted += 1
+            except S3Error as exc:
+                if exc.code != "NoSuchUpload":  # gone already is what we want
+                    raise
+        await asyncio.to_thread(self.journal.remove, key)
+        return aborted
+
+    # -- checkpoints (see the module docstring) -----------------------------------------
+
+    async def checkpoint(self, key: str, spool: Path, since: int) -> int:
+        """Copy the spool's bytes from `since` to the object `{key}.ckpt/{since:016d}`; the new offset.
+
+        Nothing is sent when the spool holds no new bytes, and at most one part's worth per
+        call (the rest goes with the next), so a checkpoint holds no more memory than a part.
+        A transient failure logs a warning (once per outage) and returns `since`: the next
+        call sends these bytes again, with more. A permanent one raises StorageError.
+        """
+        async with self.part_slots:
+            data, md5_b64 = await asyncio.to_thread(_read_tail, spool, since, self.part_size)
+            if not data:
+                return since
+            name = checkpoint_key(key, since)
+            try:
+                with self.errors("PutObject", name):
+                    await self.client.put_object(Bucket=self.bucket, Key=name, Body=data, ContentMD5=md5_b64,
+                                                 ContentType="application/octet-stream", **self.sse_params)
+            except S3Error as exc:
+                if not exc.transient:
+                    raise
+                self._checkpoint_failed(key, exc)
+                return since
+        if key in self._checkpoints_failing:
+            self._checkpoints_failing.discard(key)
+            log.info("checkpoints of %s reach S3 again", key)
+        return since + len(data)
+
+    def _checkpoint_failed(self, key: str, exc: S3Error) -> None:
+        level = logging.DEBUG if key in self._checkpoints_failing else logging.WARNING
+        self._checkpoints_failing.add(key)
+        log.log(level, "checkpoint of %s failed (%s); the next one carries these bytes too", key, exc)
+
+    async def restore(self, key: str, dest: Path, *, retry_for_s: float = 60.0) -> int:
+        """Rebuild a lost spool from the checkpoints of `key` into `dest`; the bytes written.
+
+        The checkpoints are laid end to end in offset order from 0. One that starts inside
+        what is written adds its bytes beyond it if the bytes they share agree; one wholly
+        inside is skipped unread. A gap or a disagreement ends the restore with a warning,
+        keeping the contiguous start. Names checkpoint() does not make are ignored.
+        Transient failures are retried with backoff for `retry_for_s`, then raise S3Error
+        with `transient` set, so that the caller tries again later.
+        """
+        deadline = self.clock.monotonic() + retry_for_s
+        prefix = checkpoint_prefix(key)
+        listed = await self._retrying(functools.partial(self._list_objects, prefix), deadline)
+        pieces = sorted((offset, size, name) for name, size in listed
+                        if (offset := checkpoint_offset(prefix, name)) is not None)
+        fh = await asyncio.to_thread(_create_spool, dest)
+        try:
+            written = 0
+            for offset, size, name in pieces:
+                if offset + size <= written:
+                    continue
+                if offset > written:
+                    log.warning("checkpoints of %s miss bytes %d..%d: restored the first %d bytes only",
+                                key, written, offset, written)
+                    break
+                data = await self._retrying(functools.partial(self._read_object, name), deadline)
+                end = await asyncio.to_thread(_append_if_agrees, fh, written, offset, data)
+                if end is None:
+                    log.warning("checkpoint %s disagrees with bytes %d..%d before it: restored the first %d bytes only",
+                                name, offset, written, written)
+                    break
+                written = end
+        finally:
+            await asyncio.to_thread(_close_synced, fh)
+        return written
+
+    async def drop_checkpoints(self, key: str) -> None:
+        """Delete every object under `{key}.ckpt/` (its recording is stored: they are not needed)."""
+        prefix = checkpoint_prefix(key)
+        names = [name for name, _ in await self._list_objects(prefix)]
+        for start in range(0, len(names), DELETE_BATCH):
+            batch = [{"Key": name} for name in names[start:start + DELETE_BATCH]]
+            with self.errors("DeleteObjects", prefix):
+                answer = await self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if errors := answer.get("Errors"):
+                first = errors[0]
+                code = first.get("Code", "")
+                raise S3Error(f"S3 DeleteObjects {self.bucket}/{prefix} at {self.endpoint}: {len(errors)} of "
+                              f"{len(batch)} not deleted, {first.get('Key')}: {code}: {first.get('Message', '')}",
+                              code=code, transient=code in TRANSIENT_CODES)
+        self._checkpoints_failing.discard(key)
+
+    async def _list_objects(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under `prefix`."""
+        with self.errors("ListObjectsV2", prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [(o["Key"], o["Size"]) async for page in pages for o in page.get("Contents", [])]
+
+    async def _read_object(self, key: str) -> bytes:
+        with self.errors("GetObject", key):
+            response = await self.client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                return await body.read()
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """`call()` again after transient failures, with backoff, until the monotonic `deadline`."""
+        backoff = Backoff(*self.backoff_s)
+        while True:
+            try:
+                return await call()
+            except S3Error as exc:
+                if not exc.transient:
+                    raise
+                delay = backoff.next()
+                if self.clock.monotonic() + delay > deadline:
+                    raise
+                level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
+                log.log(level, "%s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
 
     # -- objects -------------------------------------------------------------------------
 
