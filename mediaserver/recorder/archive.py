@@ -39,7 +39,7 @@ class Archive:
 
     def __init__(self, catalog: Catalog, storage: Storage, announcer: Announcer, clock, *, retention_hours: float,
                  sweep_every_s: float, spool_dir: Path, node_id: str | None = None,
-                 checkpoint_s: float | None = None) -> None:
+                 checkpoint_s: float | None = None, pump_every_s: float = 1.0) -> None:
         self.catalog = catalog
         self.storage = storage
         self.announcer = announcer
@@ -51,6 +51,7 @@ class Archive:
         # its spools are checkpointed to S3. None alone.
         self.node_id = node_id
         self.checkpoint_s = checkpoint_s
+        self.pump_every_s = pump_every_s
         self._tasks = TaskSet("archive")  # pumping, storing, recovering
 
     async def wait(self, timeout: float) -> None:
@@ -69,7 +70,9 @@ class Archive:
         try:
             await rec.upload.pump()
             if self.checkpoint_s is not None and self.clock.monotonic() >= rec.checkpoint_due:
-                rec.checkpoint_due = self.clock.monotonic() + self.checkpoint_s
+                # Taken at the first pump that is due, so one pump early: never more than
+                # checkpoint_s apart.
+                rec.checkpoint_due = self.clock.monotonic() + max(self.checkpoint_s - self.pump_every_s, 0.0)
                 await self._checkpoint(rec)
         except StorageError as exc:
             log.warning("uploading %s: %s (will retry)", rec.id, exc)

@@ -100,7 +100,7 @@ class Engine:
         self.archive = Archive(catalog, storage, self.announcer, clock, retention_hours=settings.retention_hours,
                                sweep_every_s=settings.sweep_every_s, spool_dir=settings.spool_dir,
                                node_id=node.node_id if node.clustered else None,
-                               checkpoint_s=node.checkpoint_s if node.clustered else None)
+                               checkpoint_s=node.checkpoint_s if node.clustered else None, pump_every_s=PUMP_EVERY_S)
         self.membership = Membership(node, self) if node.clustered else None
         self.clock = clock
         self.defaults = settings.defaults
