@@ -251,6 +251,7 @@ async def test_a_killed_node_has_its_recordings_settled_by_the_survivor(tmp_path
         assert time.monotonic() - killed < 30.0 + 5.0
         for (uuid, rid, streamer), meta in zip(calls, settled):
             assert meta["state"] == "completed" and meta["termination_reason"] == "node_lost", meta
+            assert [leg["role"] for leg in meta["legs"]] == ["caller"], meta  # as last checkpointed
             async with http.get(f"{b.base_url}/api/v1/recordings/{rid}/download", headers=AUTH) as response:
                 assert response.status == 200
                 path = tmp_path / f"{rid}.wav"

@@ -12,14 +12,19 @@ from mediaserver.api.openapi import spec
 async def healthz(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     engine = request.app[ENGINE]
-    return web.json_response({
+    body = {
         "status": "ok",
         "version": __version__,
         "storage": config.storage,
+        "catalog": config.catalog,
         "sessions": len(engine.sessions),
         "admission": engine.admission.state(len(engine.sessions)),  # "open", "full" or "overloaded"
         "services": sorted(request.app[SERVICES]),
-    })
+    }
+    if engine.membership is not None:
+        body["node"] = {"node_id": engine.settings.node.node_id, "catalog_writes_pending": engine.catalog.writes_pending,
+                        "settled_from_lost_nodes": engine.membership.settled}
+    return web.json_response(body)
 
 
 def _lateness(histogram) -> list[str]:
@@ -74,6 +79,9 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediaserver_webhook_backlog Webhook events not yet delivered.",
         "# TYPE mediaserver_webhook_backlog gauge",
         f"mediaserver_webhook_backlog {await catalog.outbox_backlog()}",
+        "# HELP mediaserver_catalog_writes_pending Catalog writes made and not yet committed (PostgreSQL away, or busy).",
+        "# TYPE mediaserver_catalog_writes_pending gauge",
+        f"mediaserver_catalog_writes_pending {catalog.writes_pending}",
         "# HELP mediaserver_admission_open 1 while new calls are taken, 0 while they are refused (full or overloaded).",
         "# TYPE mediaserver_admission_open gauge",
         f"mediaserver_admission_open {int(engine.admission.closed_by(len(engine.sessions)) is None)}",

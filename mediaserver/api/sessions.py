@@ -54,6 +54,7 @@ async def session_view(request: web.Request, row: dict[str, Any], live: LiveSess
         "legs": [{"leg_id": leg["leg_id"], "role": leg["role"], "kind": leg["kind"], "created_at": iso(leg["created_at"]),
                   "ended_at": iso(leg["ended_at"])} for leg in legs],
         "recording_id": live.recording.id if live is not None and live.recording is not None else None,
+        "node_id": row.get("node_id"),  # the node that holds (or held) it
     }
 
 

@@ -22,7 +22,7 @@ from mediaserver.errors import StorageError
 from mediaserver.recorder.announce import Announcer
 from mediaserver.recorder.messages import RecordingClosed
 from mediaserver.storage import Storage, Upload
-from mediaserver.storage.spool import read_checkpoint, remove_checkpoint
+from mediaserver.storage.spool import read_checkpoint, remove_checkpoint, write_checkpoint
 from mediaserver.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -80,8 +80,14 @@ class Archive:
     async def _checkpoint(self, rec: LiveRecording) -> None:
         """Copy what the spool gained since the last checkpoint to S3, where another node
         finds it if this one dies."""
-        if rec.spool is not None:
-            rec.checkpointed = await self.storage.checkpoint(rec.key, rec.spool, rec.checkpointed)
+        if rec.spool is None:
+            return
+        rec.checkpointed = await self.storage.checkpoint(rec.key, rec.spool, rec.checkpointed)
+        # The legs as far as the spool goes, where a survivor finds them: the catalog.
+        legs = await asyncio.to_thread(read_checkpoint, rec.spool)
+        if legs and legs != rec.legs_checkpointed:
+            self.catalog.update_recording(rec.id, legs=legs)
+            rec.legs_checkpointed = legs
 
     def store(self, rec: LiveRecording, closed: RecordingClosed) -> None:
         """The recording is closed (its spool final): store it and announce it, in the background."""
@@ -202,6 +208,8 @@ class Archive:
                 delay = min(delay * 2, 60.0)
         if restored == 0:
             spool.unlink(missing_ok=True)  # nothing reached S3 but, perhaps, the stored file
+        elif row["legs"]:  # as the dead node last checkpointed them
+            await asyncio.to_thread(write_checkpoint, spool, row["legs"])
         log.info("settling recording %s of a lost node from %d checkpointed bytes", row["id"], restored)
         # Settled as interrupted whatever state it had: the file ends where the checkpoints do.
         lost = dict(row, spool_path=str(spool), state="stopped", termination_reason="node_lost",

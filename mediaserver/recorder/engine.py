@@ -65,6 +65,7 @@ class LiveRecording:
     pumping: asyncio.Task | None = None  # the upload's pump while it sends parts
     checkpointed: int = 0  # spool bytes copied to S3 as checkpoints (cluster mode)
     checkpoint_due: float = 0.0  # monotonic time of the next checkpoint
+    legs_checkpointed: list | None = None  # the legs last written to the catalog with a checkpoint
 
 
 @dataclass(slots=True)
