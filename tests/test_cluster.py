@@ -277,6 +277,13 @@ async def test_a_killed_node_has_its_recordings_settled_by_the_survivor(tmp_path
         # New calls go to the survivor.
         status, session = await api(http, b, "POST", "/api/v1/sessions")
         assert status == 201
+        # Node A comes back (its disk was not lost after all): it leaves what B settled alone.
+        before = {rid: await recording(http, b, rid) for _, rid, _ in calls}
+        await asyncio.to_thread(a.start)
+        assert not list((a.data_dir / "spool").glob("rec_*")), "A kept the spools of recordings B settled"
+        for rid, meta in before.items():
+            after = await recording(http, a, rid)
+            assert (after["state"], after["checksum"], after["duration"]) == (meta["state"], meta["checksum"], meta["duration"])
 
 
 async def test_postgres_restarted_under_a_recording_loses_nothing(tmp_path, postgres_own_server, s3_server, bucket):

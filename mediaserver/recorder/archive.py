@@ -180,6 +180,21 @@ class Archive:
             self.catalog.update_session(row["uuid"], state="ended", ended_at=now)
         for row in await self.catalog.recordings_in(ACTIVE_STATES, self.node_id):
             self.recover_one(row)
+        if self.node_id is not None:
+            await self._forget_settled_elsewhere()
+
+    async def _forget_settled_elsewhere(self) -> None:
+        """A node back from the dead: the spools of recordings another node took over and
+        settled meanwhile are not touched again, only deleted."""
+        for spool in sorted(self.spool_dir.glob("rec_*")) if self.spool_dir.is_dir() else []:
+            if spool.name.endswith((".legs.json", ".tmp")):
+                continue
+            row = await self.catalog.recording(spool.name.split(".", 1)[0])
+            session = await self.catalog.session(row["session_uuid"]) if row is not None else None
+            if session is not None and session.get("node_id") not in (None, self.node_id):
+                log.info("recording %s was settled by node %s while this one was away: deleting its spool",
+                         row["id"], session["node_id"])
+                await asyncio.to_thread(_delete_spool, spool)
 
     # -- a lost node's recordings ------------------------------------------------------
 
@@ -260,6 +275,11 @@ class Archive:
         await asyncio.to_thread(remove_checkpoint, spool)
         upload = await self.storage.resume(row["storage_key"], spool, row["content_type"])
         await self.finish_upload(rid, row["app_id"], upload, duration)
+
+
+def _delete_spool(spool: Path) -> None:
+    remove_checkpoint(spool)
+    spool.unlink(missing_ok=True)
 
 
 def _within(legs: list[dict[str, Any]], duration: float) -> list[dict[str, Any]]:
