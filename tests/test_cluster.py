@@ -324,3 +324,32 @@ async def test_postgres_restarted_under_a_recording_loses_nothing(tmp_path, post
         got, sent, at = aligned(pcm[:, 0], streamer.audio)
         assert np.array_equal(got, sent), "the audio is not what was sent"
         assert at + len(got) == len(streamer.audio), "the recording does not run to the end of what was sent"
+
+
+async def test_a_node_cut_off_from_the_catalog_refuses_new_calls(tmp_path, postgres_own_server, s3_server, bucket):
+    """Past half of node_timeout_s without a heartbeat the others are about to take this
+    node's calls over: it answers new ones 503 `cluster.isolated` until it is back."""
+    dsn = fresh_database(postgres_own_server)
+    async with cluster(tmp_path, dsn, s3_server, bucket, names=("node-a",)) as (a,), aiohttp.ClientSession() as http:
+        async def health() -> dict:
+            async with http.get(f"{a.base_url}/healthz") as response:
+                return await response.json()
+        assert (await health())["node"]["isolated"] is False
+        await asyncio.to_thread(postgres_own_server.stop)
+        try:
+            assert await wait_for(lambda: _isolated(health), 30), await health()
+            status, answer = await api(http, a, "POST", "/api/v1/sessions")
+            assert (status, answer["error"]["code"]) == (503, "cluster.isolated"), answer
+        finally:
+            await asyncio.to_thread(postgres_own_server.start)
+
+        async def back() -> bool:
+            return not (await health())["node"]["isolated"]
+        assert await wait_for(back, 30)
+        status, answer = await api(http, a, "POST", "/api/v1/sessions")
+        assert status == 201, answer
+
+
+async def _isolated(health) -> bool:
+    return (await health())["node"]["isolated"]
+

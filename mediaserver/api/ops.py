@@ -22,7 +22,8 @@ async def healthz(request: web.Request) -> web.Response:
         "services": sorted(request.app[SERVICES]),
     }
     if engine.membership is not None:
-        body["node"] = {"node_id": engine.settings.node.node_id, "catalog_writes_pending": engine.catalog.writes_pending,
+        body["node"] = {"node_id": engine.settings.node.node_id, "isolated": engine.membership.isolated,
+                        "catalog_writes_pending": engine.catalog.writes_pending,
                         "settled_from_lost_nodes": engine.membership.settled}
     return web.json_response(body)
 
@@ -82,6 +83,15 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediaserver_catalog_writes_pending Catalog writes made and not yet committed (PostgreSQL away, or busy).",
         "# TYPE mediaserver_catalog_writes_pending gauge",
         f"mediaserver_catalog_writes_pending {catalog.writes_pending}",
+    ]
+    stats = getattr(catalog, "stats", None)  # the PostgreSQL catalog counts its round trips; SQLite has none
+    if stats is not None:
+        for name, text in (("reads", "Catalog reads (queries) made."), ("writes", "Catalog writes committed."),
+                           ("transactions", "Transactions the catalog's writes were committed in (batches)."),
+                           ("retries", "Catalog attempts that failed on a transient error and were tried again.")):
+            lines += [f"# HELP mediaserver_catalog_{name}_total {text}",
+                      f"# TYPE mediaserver_catalog_{name}_total counter", f"mediaserver_catalog_{name}_total {stats[name]}"]
+    lines += [
         "# HELP mediaserver_admission_open 1 while new calls are taken, 0 while they are refused (full or overloaded).",
         "# TYPE mediaserver_admission_open gauge",
         f"mediaserver_admission_open {int(engine.admission.closed_by(len(engine.sessions)) is None)}",

@@ -34,10 +34,18 @@ class Membership:
         self.engine = engine
         self.every_s = max(min(settings.timeout_s / 4, 2.0), 0.2)
         self.settled = 0  # recordings of lost nodes this node has settled
+        self._beat_at = engine.clock.monotonic()  # when a heartbeat last reached the catalog
+
+    @property
+    def isolated(self) -> bool:
+        """True while this node's heartbeats do not reach the catalog: past `timeout_s` the
+        others take it for dead and take its calls over, so it must not take new ones."""
+        return self.engine.clock.monotonic() - self._beat_at > self.settings.timeout_s / 2
 
     async def beat(self) -> None:
         self.engine.catalog.heartbeat(self.settings.node_id, self.settings.node_url, self.engine.clock.time())
         await self.engine.catalog.flush(timeout=self.settings.timeout_s)
+        self._beat_at = self.engine.clock.monotonic()
 
     async def run(self) -> None:
         """Beat and watch every `every_s`, until cancelled; a catalog that is away for a

@@ -21,7 +21,7 @@ from mediaserver import ids
 from mediaserver.catalog import Catalog
 from mediaserver.config import EngineSettings
 from mediaserver.encoding import file_type
-from mediaserver.errors import Conflict, Forbidden, NotFound
+from mediaserver.errors import Conflict, Forbidden, NotFound, Unavailable
 from mediaserver.media import PcmFrame
 from mediaserver.options import RecordingOptions
 from mediaserver.recorder.admission import Admission
@@ -93,6 +93,7 @@ class Engine:
 
     def __init__(self, settings: EngineSettings, catalog: Catalog, storage: Storage, outbox: Outbox, clock) -> None:
         self.settings = settings
+        self.clock = clock
         self.catalog = catalog
         self.storage = storage
         self.outbox = outbox
@@ -103,7 +104,6 @@ class Engine:
                                node_id=node.node_id if node.clustered else None,
                                checkpoint_s=node.checkpoint_s if node.clustered else None, pump_every_s=PUMP_EVERY_S)
         self.membership = Membership(node, self) if node.clustered else None
-        self.clock = clock
         self.defaults = settings.defaults
         self.admission = Admission(settings.admission, clock)
         self.sessions: dict[str, LiveSession] = {}
@@ -160,6 +160,9 @@ class Engine:
     async def create_session(self, app_id: str, source: str, uuid: str | None = None,
                              meta: dict[str, Any] | None = None) -> LiveSession:
         uuid = uuid or ids.session_uuid()
+        if self.membership is not None and self.membership.isolated:
+            raise Unavailable("cluster.isolated", "this node has lost touch with the cluster's catalog: "
+                              "another node takes new calls", retry_after_s=1)
         # Asked again after the catalog answers: another request may have made it meanwhile.
         if uuid in self.sessions or await self.catalog.session(uuid) is not None or uuid in self.sessions:
             raise Conflict("sessions.exists", f"session {uuid} already exists")
