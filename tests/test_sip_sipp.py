@@ -83,6 +83,43 @@ async def test_pcma_capture_and_rfc4733_digits(tmp_path):
     assert recording.meta["duration"] == pytest.approx(lag / RATE + 7.7, abs=TOLERANCE_S)
 
 
+def write_pcmu_pcap(path, ulaw: bytes, sent_at_us: list[int]) -> None:
+    """`ulaw` as a pcap of 20 ms PCMU packets (Ethernet/IPv4/UDP/RTP) captured at the
+    given microseconds: SIPp's play_pcap_audio sends them with that spacing."""
+    records = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
+    for index, micros in enumerate(sent_at_us):
+        rtp = struct.pack("!BBHII", 0x80, 0x80 if index == 0 else 0, index, index * 160, 0x5EED) + ulaw[index * 160:(index + 1) * 160]
+        udp = struct.pack("!HHHH", 40000, 40002, 8 + len(rtp), 0) + rtp
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), index, 0, 64, 17, 0, bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1])) + udp
+        frame = bytes(12) + b"\x08\x00" + ip
+        records.append(struct.pack("<IIII", micros // 1_000_000, micros % 1_000_000, len(frame), len(frame)) + frame)
+    path.write_bytes(b"".join(records))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SIPp replays captures through a raw socket, which needs root")
+async def test_a_stream_whose_first_packet_came_late_keeps_all_its_audio(tmp_path):
+    """The call's first packet comes a few ms after the call began, the next two 1 ms
+    after it, then every 20 ms: anchored on the least delayed, the stream starts about 19
+    ms before its first packet arrived, which is before the session began. Every sample
+    is still recorded (none dropped as late), in order."""
+    sent = noise(2.0, seed=11, dbfs=-18)
+    ulaw = g711.encode_ulaw(sent)
+    packets = len(ulaw) // 160
+    capture = tmp_path / "burst.pcap"
+    write_pcmu_pcap(capture, ulaw, [n * 20_000 for n in range(packets)])
+    path = scenario(tmp_path, "uac_pcmu_pcap.xml", pcap=capture)
+    async with Server(tmp_path, record_policy="all") as server:
+        result = await run_sipp(server, path, tmp_path, sets={"call_ms": 2300})
+        assert result.returncode == 0, result.output
+        [recording] = await recordings(server)
+        status, metrics, _ = await server.api("GET", "/metrics")
+    assert dropped_input(metrics.decode()).get("late_samples", 0) == 0
+    [leg] = recording.meta["legs"]
+    assert leg["audio_ms"] == pytest.approx(packets * 20, abs=0.2)
+    where = placement(recording.audio[:, 0], g711.decode_ulaw(ulaw))
+    assert where.missing == 0 and len(where.runs) == 1, where
+
+
 @pytest.mark.parametrize("transport", ["u1", "t1"])
 async def test_pcmu_rtp_stream_call(tmp_path, transport):
     """A PCMU call over UDP or TCP signalling: the recording holds what was streamed and

@@ -213,7 +213,13 @@ class Engine:
         return self.clock.monotonic()
 
     def _new_session(self, uuid: str, app_id: str) -> Session | RemoteSession:
-        t0, jitter = self.clock.monotonic(), self.settings.jitter_ms / 1000
+        jitter = self.settings.jitter_ms / 1000
+        # The timeline begins one jitter delay before the session: a leg opened with the
+        # session whose first packet came late and the next ones in a burst is anchored
+        # on the least delayed, which puts its first audio before its first arrival. The
+        # mix reads that far behind anyway; without the margin it would be before
+        # position 0 and dropped as late.
+        t0 = self.clock.monotonic() - jitter
         if self.shards:
             shard = min(self.shards, key=lambda s: len(s.sessions))
             return RemoteSession(shard, uuid, app_id, t0, self.defaults.sample_rate, jitter)

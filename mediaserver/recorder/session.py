@@ -36,6 +36,12 @@ CHECKPOINT_S = 0.5  # legs are checkpointed at most this often, and only when th
 # lost: reading past it would leave a hole and push the rest of the leg later.
 STREAM_HOLD_S = 2.0
 
+# A leg's first packet comes a packetisation interval after its first sample was taken, and
+# a stream is anchored on its least delayed first packets: so the first audio of a call
+# answered and recorded at once lies up to about one packet before the recording's start.
+# A recording that has not begun yet starts with that audio instead (this far at most).
+EARLY_START_S = 0.06
+
 
 @dataclass(slots=True)
 class LegInput:
@@ -170,6 +176,7 @@ class Session(PostingCalls):
         self.hangup_posted = False
         self.takes_pcm = False  # some leg posts PCM (whose backlog ingest watches)
         self._hangup_at = 0
+        self._early_floor = 0  # how far before its start the recording may begin with a leg's first audio
         self._checkpoint = (-1, 0.0)  # the spool's size and the time when legs were last checkpointed
         self.inbox: deque[Message] = deque()
         self._events: list[Event] = []
@@ -403,7 +410,17 @@ class Session(PostingCalls):
         leg.next_pts = pts + len(samples)
         if leg.resampler is not None:
             samples = leg.resampler.process(samples)
-        self.mixer.legs[leg_id].push(samples, rescale(pts, rate, self.rate), self.mixer.cursor)
+        buffer, at = self.mixer.legs[leg_id], rescale(pts, rate, self.rate)
+        if buffer.first_pts is None:
+            self._start_with(at)
+        buffer.push(samples, at, self.mixer.cursor)
+
+    def _start_with(self, first: int) -> None:
+        """A leg's first audio, just before a recording that has not begun: it begins there."""
+        recording = self.recording
+        if (recording is not None and recording.state == "initiated" and recording.position == recording.start_pos
+                and self._early_floor <= first < recording.start_pos and first >= self.mixer.cursor):
+            recording.start_pos = recording.position = first
 
     def _counted_pts(self, leg: LegInput, rate: int, at_mono: float) -> int:
         """Where counted audio goes: after the leg's previous audio; its first audio where it
@@ -456,6 +473,7 @@ class Session(PostingCalls):
         if recording.rate != self.rate:
             self._retune_mixer(recording.rate)
         recording.start_pos = recording.position = self._command_pos(at_mono)
+        self._early_floor = recording.start_pos - round(EARLY_START_S * self.rate)
         self.recording = recording
         self._checkpoint = (-1, 0.0)
         for leg in list(self.inputs.values()):
