@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, str] = {
     "memory_length": "benchmarks.memory_length",
     "rtp_load": "benchmarks.rtp_load",
     "cost_per_call": "benchmarks.cost_per_call",
+    "cluster_load": "benchmarks.cluster_load",
+    "sip_cps": "benchmarks.sip_cps",
 }
 
 

@@ -300,6 +300,7 @@ class PostgresCatalog:
         self._leading: set[str] = set()
         self._started_at: dict[str, float] = {}
         self._closed = False
+        self._stats = {"reads": 0, "writes": 0, "transactions": 0, "retries": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -357,6 +358,14 @@ class PostgresCatalog:
                 await asyncio.wait_for(pool.close(), 5.0)
             except (TimeoutError, *TRANSIENT):
                 pool.terminate()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since start: `reads` (catalog reads, each one round trip or a few on a
+        pooled connection, leadership checks included), `writes` (statements committed),
+        `transactions` (the batches they were committed in) and `retries` (attempts that
+        failed on a transient error and were tried again)."""
+        return dict(self._stats)
 
     @property
     def writes_pending(self) -> int:
@@ -422,6 +431,7 @@ class PostgresCatalog:
                                 exc_info=None if _transient(exc) else exc)
                 await _close_connection(self._writer_conn)
                 self._writer_conn = None
+                self._stats["retries"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
@@ -457,6 +467,8 @@ class PostgresCatalog:
                 "INSERT INTO catalog_writers (writer, node_id, applied, updated_at) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (writer) DO UPDATE SET applied = EXCLUDED.applied, updated_at = EXCLUDED.updated_at",
                 self._writer_id, self.node_id, batch[-1].seq, time.time())
+        self._stats["transactions"] += 1
+        self._stats["writes"] += len(batch)
 
     async def _isolate(self, conn: asyncpg.Connection, batch: list[Write], exc: Exception) -> None:
         """A batch failed on a statement's own fault: apply its writes one by one, dropping
@@ -486,6 +498,7 @@ class PostgresCatalog:
         if self._pool is None:
             raise RuntimeError("the catalog is closed" if self._closed else "the catalog is not started")
         target = self._queued
+        self._stats["reads"] += 1
         try:
             async with asyncio.timeout(self.read_timeout_s):
                 await self._caught_up(target)
@@ -506,6 +519,7 @@ class PostgresCatalog:
             except Exception as exc:
                 if not _transient(exc):
                     raise
+            self._stats["retries"] += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, READ_RETRY_MAX_S)
 
@@ -711,7 +725,8 @@ class PostgresCatalog:
         if self._closed:
             return False
         async with self._lead_lock:
-            for _ in range(2):  # a connection found broken is replaced once
+            for attempt in range(2):  # a connection found broken is replaced once
+                self._stats["reads" if attempt == 0 else "retries"] += 1
                 try:
                     async with asyncio.timeout(self.read_timeout_s):
                         return await self._lead(name)
