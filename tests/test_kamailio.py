@@ -57,7 +57,7 @@ class Node:
         self.sip_port = free_port(socket.SOCK_DGRAM)
         self.rtp_ports = rtp_ports
         self.process = ServerProcess(root / "data", rtp_ports=rtp_ports, sip_port=self.sip_port,
-                                     record_policy="all", **settings)
+                                     **{"record_policy": "all", **settings})
         self.http: aiohttp.ClientSession | None = None
 
     @property

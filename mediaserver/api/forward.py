@@ -61,11 +61,13 @@ def held_session(request: web.Request) -> str | None:
 async def forward_middleware(request: web.Request, handler):
     engine = request.app[ENGINE]
     membership = engine.membership
-    if membership is None or FORWARDED_BY in request.headers:
+    if membership is None:
         return await handler(request)
-    uuid = held_session(request)
+    # A request forwarded here is answered here, and waits for the catalog like any other:
+    # the client's next request may go to the node that forwarded it.
+    uuid = None if FORWARDED_BY in request.headers else held_session(request)
     owner = None if uuid is None or uuid in engine.sessions else await membership.owner_url(uuid)
-    if owner is None:  # held here, or not live anywhere (a new session, a 404, a 409)
+    if owner is None:  # held here, forwarded here, or not live anywhere (a new session, a 404, a 409)
         response = await handler(request)
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             await _committed(request)
