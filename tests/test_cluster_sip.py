@@ -30,7 +30,7 @@ import soundfile
 from audio import ffprobe, noise
 from postgres import fresh_database
 from sip_peers import Recorded, SippResult, run_sipp, scenario
-from test_cluster import CHECKPOINT_S, NODE_TIMEOUT_S, node_settings
+from test_cluster import CHECKPOINT_S, node_settings
 from test_kamailio import (
     CALL_MS, CALL_S, GRAM, RATE, Cluster, Node, assert_holds, call_through, start_cluster, ulaw_file, wait_for_flags,
 )
